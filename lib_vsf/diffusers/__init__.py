@@ -1,0 +1,10 @@
+"""VSF / NAG / NASA guidance for diffusers pipelines (SD3/SD3.5, Flux, Wan 2.1/2.2, SD1.5/SDXL).
+
+    from lib_vsf import from_preset
+    from lib_vsf.diffusers import VSFGuidance
+
+    with VSFGuidance(pipe, "blurry, watermark", from_preset("VSF Quality")) as vsf:
+        image = vsf(prompt="a cat", num_inference_steps=8).images[0]
+"""
+from .family import GuidanceInputError, UnsupportedPipelineError  # noqa: F401
+from .guidance import FAMILIES, VSFGuidance, family_for, generate, supported_pipelines  # noqa: F401
