@@ -1,0 +1,7 @@
+"""`python -m lib_vsf` — see lib_vsf/cli.py."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
