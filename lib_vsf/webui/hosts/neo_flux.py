@@ -1,0 +1,87 @@
+"""Forge Neo: Flux (dev/schnell/Kontext/Krea) and Chroma joint attention.
+
+Neo's `backend/nn/flux.py` (a ComfyUI port) concatenates text first, `cat(txt, img)`, in both the
+double- and single-stream blocks and computes every attention as
+
+    backend.nn.flux.attention(q, k, v, pe, mask=None, transformer_options={})
+      -> RoPE -> backend.nn.flux.attention_function(q, k, v, heads, skip_reshape=True, mask=mask, ...)
+
+with `[B, H, L, D]` tensors. Neo binds `attention_function` into each model file at import, so the
+name to replace is `backend.nn.flux.attention_function` (after RoPE, nothing of the host's math is
+redone here); `backend.attention.attention_function` reaches none of the models. Chroma builds its
+blocks from the same classes, so the same name covers it. Every call in that file is a joint call over
+`[text, image(, Kontext references)]`: the call is guided when the sequence is longer than the text
+stream the runner announced (`run.text_len`). Calls with an attention mask (Chroma with a T5 mask)
+run unguided, with one warning: the mask would have to be merged with VSF's own.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from ...patching import AttributePatch, check_callable
+from ...state import GuidanceRun
+from ._guided import batch_fits, class_is, diffusion_model, guided_call, is_forge_neo, split_mask_arg, warn_once
+from .base import HostAdapter
+
+FLUX_MODULE = "backend.nn.flux"
+CHROMA_MODULE = "backend.nn.chroma"
+MODEL_CLASSES = ((FLUX_MODULE, "IntegratedFluxTransformer2DModel"), (CHROMA_MODULE, "IntegratedChromaTransformer2DModel"))
+
+
+def check_flux_module(flux: ModuleType) -> None:
+    """Raise PatchError unless `flux` is Neo's Flux file: `attention(q, k, v, pe, mask,
+    transformer_options)` calling a module-level `attention_function(q, k, v, heads, ...)`."""
+    check_callable(flux, "attention", ("q", "k", "v", "pe", "mask", "transformer_options"))
+    check_callable(flux, "attention_function", ("q", "k", "v", "heads", "mask", "skip_reshape"))
+
+
+def make_flux_attention(original, run: GuidanceRun):
+    """Replacement for `backend.nn.flux.attention_function` reading `run` on every call."""
+
+    def flux_attention_function(q, k, v, heads, *args, **kwargs):
+        skip_reshape = kwargs.get("skip_reshape", False)
+        length = q.shape[2] if skip_reshape else q.shape[1]
+        mask = split_mask_arg(args, kwargs)
+        if run.negative_len == 0 or length <= run.text_len or not batch_fits(run, q.shape[0]):
+            return original(q, k, v, heads, *args, **kwargs)
+        if mask is not None:
+            warn_once("neo-flux-mask", "Flux/Chroma attention mask present: this call runs without VSF.")
+            return original(q, k, v, heads, *args, **kwargs)
+        layout = run.joint_layout(length, text_offset=0)  # Neo Flux: text first
+        return guided_call(q, k, v, heads, layout, run, joint=True, skip_reshape=skip_reshape,
+                           skip_output_reshape=kwargs.get("skip_output_reshape", False))
+
+    flux_attention_function.__vsf_original__ = original
+    return flux_attention_function
+
+
+def patch_flux(flux: ModuleType, run: GuidanceRun) -> AttributePatch:
+    """Checked, unapplied patch of `flux.attention_function` (PatchError if the host differs)."""
+    check_flux_module(flux)
+    return AttributePatch().add(flux, "attention_function", make_flux_attention(flux.attention_function, run))
+
+
+class NeoFluxAdapter(HostAdapter):
+    """Forge Neo Flux / Chroma: VSF in every joint attention, text first."""
+
+    name = "neo-flux"
+    host = "neo"
+    family = "flux"
+    label = "Forge Neo Flux/Chroma"
+    priority = 20  # before Forge's Flux adapter: both see backend.nn.flux models
+
+    @classmethod
+    def matches(cls, sd_model: Any) -> bool:
+        model = diffusion_model(sd_model)
+        return any(class_is(model, m, n) for m, n in MODEL_CLASSES) and is_forge_neo()
+
+    def _module(self) -> ModuleType:
+        from backend.nn import flux  # type: ignore[import-not-found]
+        return flux
+
+    def check(self) -> None:
+        check_flux_module(self._module())
+
+    def patch(self, run: GuidanceRun) -> AttributePatch:
+        return patch_flux(self._module(), run)

@@ -1,0 +1,98 @@
+"""Forge Neo: Wan 2.1 / 2.2 video models (T2V, I2V), VSF in the text cross-attention (paper eq. 9).
+
+In Neo's `backend/nn/wan.py` every attention goes through the module-level name
+`backend.nn.wan.attention_function(q, k, v, heads=...)` with `[B, L, H*D]` tensors and no mask:
+self-attention (via the file's `attention` wrapper), the text cross-attention
+(`WanT2VCrossAttention.forward`), and Wan 2.1 I2V's cross-attention (`WanI2VCrossAttention.forward`),
+which splits `context = [257 CLIP image tokens, text]` and calls attention twice, image first, then
+text, and adds the results.
+
+The patch replaces `attention_function` and wraps the two cross-attention `forward` methods so that
+they open a call scope (see `_guided.py`): only calls inside a cross-attention scope whose key count is
+the announced text length are guided; for I2V the first call (the image tokens) passes through
+untouched. Self-attention can never be guided, whatever the video's token count. Wan 2.2's low-noise
+expert ("Refiner") is swapped in mid-sampling, sometimes as a new model instance: module- and
+class-level names survive the swap, so both experts are guided.
+"""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+from ...patching import AttributePatch, check_callable
+from ...state import GuidanceRun
+from ._guided import (CallScope, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
+                      split_mask_arg)
+from .base import HostAdapter
+
+WAN_MODULE = "backend.nn.wan"
+
+CROSS_SCOPE = CallScope("vsf_neo_wan_cross_attention")
+
+
+def check_wan_module(wan: ModuleType) -> None:
+    """Raise PatchError unless `wan` has the attention name and the cross-attention classes we wrap."""
+    check_callable(wan, "attention_function", ("q", "k", "v", "heads"))
+    for class_name, params in (("WanT2VCrossAttention", ("x", "context")),
+                               ("WanI2VCrossAttention", ("x", "context", "context_img_len"))):
+        check_callable(check_callable(wan, class_name), "forward", params)
+
+
+def _t2v_scope(*args, **kwargs) -> ScopeState:
+    return ScopeState(once=True)
+
+
+def _i2v_scope(*args, **kwargs) -> ScopeState:
+    # Host order (seen in Neo's wan.py): attention over the image tokens first, then over the text.
+    return ScopeState(skip_calls=1, once=True)
+
+
+def make_wan_attention(original, run: GuidanceRun):
+    """Replacement for `backend.nn.wan.attention_function`: guided inside a cross-attention scope
+    when the keys are exactly the text stream `[P, N]`."""
+
+    def wan_attention_function(q, k, v, heads, *args, **kwargs):
+        scope = CROSS_SCOPE.take()
+        if (scope is None or run.negative_len == 0 or k.shape[1] != run.text_len
+                or split_mask_arg(args, kwargs) is not None or kwargs.get("skip_reshape")
+                or not batch_fits(run, q.shape[0])):
+            return original(q, k, v, heads, *args, **kwargs)
+        return guided_call(q, k, v, heads, run.cross_layout(total=k.shape[1]), run, joint=False,
+                           skip_output_reshape=kwargs.get("skip_output_reshape", False))
+
+    wan_attention_function.__vsf_original__ = original
+    return wan_attention_function
+
+
+def patch_wan(wan: ModuleType, run: GuidanceRun) -> AttributePatch:
+    """Checked, unapplied patch of Neo's Wan file (PatchError if the host differs)."""
+    check_wan_module(wan)
+    t2v, i2v = wan.WanT2VCrossAttention, wan.WanI2VCrossAttention
+    return (AttributePatch()
+            .add(wan, "attention_function", make_wan_attention(wan.attention_function, run))
+            .add(t2v, "forward", CROSS_SCOPE.wrap(t2v.forward, _t2v_scope))
+            .add(i2v, "forward", CROSS_SCOPE.wrap(i2v.forward, _i2v_scope)))
+
+
+class NeoWanAdapter(HostAdapter):
+    """Forge Neo Wan 2.1/2.2 (T2V, I2V, both Wan 2.2 experts): VSF in the text cross-attention."""
+
+    name = "neo-wan"
+    host = "neo"
+    family = "wan"
+    label = "Forge Neo Wan 2.1/2.2"
+    priority = 20
+
+    @classmethod
+    def matches(cls, sd_model: Any) -> bool:
+        return class_is(diffusion_model(sd_model), WAN_MODULE, "WanModel") and is_forge_neo()
+
+    def _module(self) -> ModuleType:
+        from backend.nn import wan  # type: ignore[import-not-found]
+        return wan
+
+    def check(self) -> None:
+        check_wan_module(self._module())
+
+    def patch(self, run: GuidanceRun) -> AttributePatch:
+        return patch_wan(self._module(), run)

@@ -1,0 +1,187 @@
+"""Forge Neo Flux and Chroma with the real host classes (tiny, CPU): VSF in every joint attention.
+
+Skips unless VSF_NEO_DIR points at a Forge Neo checkout (branch `neo`). Each test builds the host's
+own model, appends a negative to the text stream as the runner does, patches
+`backend.nn.flux.attention_function` through `lib_vsf.webui.hosts.neo_flux`, and compares with an
+independent computation: the same model with every joint call replaced by `vsf_joint_reference`
+(the table of VSF-SPEC "Joint-attention models").
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lib_vsf.attention import Guidance
+from lib_vsf.attention_reference import vsf_joint_reference
+from lib_vsf.layout import text_layout
+from lib_vsf.patching import AttributePatch, PatchError
+from lib_vsf.webui.hosts.base import append_negative
+from lib_vsf.webui.hosts.neo_flux import NeoFluxAdapter, patch_flux
+from vsf_host_setup import (Recorder, heads_last, host_modules, import_host, init_weights, make_run,
+                            negative_rows)
+
+CONTEXT_DIM, POSITIVE_LEN = 32, 6
+
+
+@pytest.fixture(scope="module")
+def neo():
+    with host_modules("neo"):
+        flux = import_host("backend.nn.flux")
+        chroma = import_host("backend.nn.chroma")
+        yield flux, chroma
+
+
+def build_flux(flux):
+    model = flux.IntegratedFluxTransformer2DModel(
+        in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=CONTEXT_DIM, hidden_size=64,
+        mlp_ratio=4.0, num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000,
+        patch_size=2, qkv_bias=True, guidance_embed=True)
+    return init_weights(model, seed=3)
+
+
+def build_chroma(chroma):
+    model = chroma.IntegratedChromaTransformer2DModel(
+        in_channels=64, out_channels=64, context_in_dim=CONTEXT_DIM, hidden_size=64, mlp_ratio=4.0,
+        num_heads=4, depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], theta=10000, patch_size=2,
+        qkv_bias=True, in_dim=64, out_dim=64, hidden_dim=32, n_layers=2, txt_ids_dims=[], vec_in_dim=24)
+    return init_weights(model, seed=4)
+
+
+def inputs(batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(batch, 16, 8, 8, generator=gen),
+        "timestep": torch.rand(batch, generator=gen),
+        "context": torch.randn(batch, POSITIVE_LEN, CONTEXT_DIM, generator=gen),
+        "y": torch.randn(batch, 24, generator=gen),
+        "guidance": torch.full((batch,), 3.5),
+    }
+
+
+def forward(model, kind, inp, context):
+    with torch.no_grad():
+        if kind == "flux":
+            return model(inp["x"], inp["timestep"], context, y=inp["y"], guidance=inp["guidance"], transformer_options={})
+        return model(inp["x"], inp["timestep"], context, guidance=None, transformer_options={})  # Chroma: `guidance or zeros`
+
+
+def reference_patch(flux, run, alpha, beta):
+    """Every joint call computed by `vsf_joint_reference` (dense masks, plain softmax)."""
+    original = flux.attention_function
+
+    def reference(q, k, v, heads, *args, **kwargs):
+        length = q.shape[2]  # Neo Flux passes [B, H, L, D] (skip_reshape=True)
+        if run.negative_len == 0 or length <= run.text_len:
+            return original(q, k, v, heads, *args, **kwargs)
+        layout = text_layout(run.positive_len, run.negative_len, offset=0, total=length,
+                             negative_mask=run.negative_mask)
+        return heads_last(vsf_joint_reference(q, k, v, layout, alpha, beta))
+
+    return AttributePatch().add(flux, "attention_function", reference)
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_patched_model_matches_reference(neo, kind):
+    flux, chroma = neo
+    model = build_flux(flux) if kind == "flux" else build_chroma(chroma)
+    inp = inputs()
+    negative = negative_rows([3, 1], CONTEXT_DIM)  # different lengths: padded, masked per sample
+    context = append_negative(inp["context"], negative)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.3, beta=0.2)
+
+    with patch_flux(flux, run):
+        guided = forward(model, kind, inp, context)
+    assert run.calls == 2  # one double-stream and one single-stream block
+    with reference_patch(flux, run, 3.3, 0.2):
+        expected = forward(model, kind, inp, context)
+    unguided = forward(model, kind, inp, inp["context"])
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    assert (guided - unguided).abs().max() > 1e-3  # the negative changed the output
+
+
+def test_intercepted_call_matches_joint_reference(neo):
+    flux, _ = neo
+    model = build_flux(flux)
+    inp = inputs()
+    negative = negative_rows([4, 2], CONTEXT_DIM)
+    context = append_negative(inp["context"], negative)
+    run = make_run(POSITIVE_LEN, negative, alpha=2.0, beta=0.5)
+
+    with patch_flux(flux, run):
+        recorder = Recorder(flux.attention_function)
+        with AttributePatch().add(flux, "attention_function", recorder):
+            forward(model, "flux", inp, context)
+    assert len(recorder.calls) == 2
+    q, k, v, args, kwargs, out = recorder.calls[0]
+    assert kwargs.get("skip_reshape") is True and q.shape[2] == 16 + POSITIVE_LEN + 4  # text first, then 4x4 image
+    layout = text_layout(POSITIVE_LEN, 4, offset=0, total=q.shape[2], negative_mask=run.negative_mask)
+    torch.testing.assert_close(out, heads_last(vsf_joint_reference(q, k, v, layout, 2.0, 0.5)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_alpha_zero_beta_inf_equals_unpatched(neo, kind):
+    """alpha = 0, beta = +inf: image and positive rows never see the negative (VSF-SPEC invariant)."""
+    flux, chroma = neo
+    model = build_flux(flux) if kind == "flux" else build_chroma(chroma)
+    inp = inputs(seed=5)
+    negative = negative_rows([5, 3], CONTEXT_DIM)
+    run = make_run(POSITIVE_LEN, negative, guidance=Guidance("vsf", 0.0, math.inf))
+    with patch_flux(flux, run):
+        guided = forward(model, kind, inp, append_negative(inp["context"], negative))
+    unpatched = forward(model, kind, inp, inp["context"])
+    assert run.calls == 2
+    torch.testing.assert_close(guided, unpatched, rtol=1e-4, atol=1e-5)
+
+
+def test_empty_negative_and_restore_are_exact(neo):
+    flux, _ = neo
+    model = build_flux(flux)
+    inp = inputs(seed=7)
+    original = flux.attention_function
+    unpatched = forward(model, "flux", inp, inp["context"])
+
+    empty = negative_rows([0, 0], CONTEXT_DIM)
+    run = make_run(POSITIVE_LEN, empty)
+    with patch_flux(flux, run):
+        assert flux.attention_function is not original
+        same = forward(model, "flux", inp, inp["context"])
+    assert run.calls == 0
+    assert torch.equal(same, unpatched)
+
+    negative = negative_rows([3, 3], CONTEXT_DIM)
+    run = make_run(POSITIVE_LEN, negative)
+    patch = patch_flux(flux, run).apply()
+    try:
+        forward(model, "flux", inp, append_negative(inp["context"], negative))
+    finally:
+        patch.restore()
+    assert flux.attention_function is original
+    assert torch.equal(forward(model, "flux", inp, inp["context"]), unpatched)
+
+
+def test_refuses_changed_host_without_patching(neo, monkeypatch):
+    flux, _ = neo
+    original = flux.attention_function
+    monkeypatch.setattr(flux, "attention_function", lambda q, k, v: None)  # a re-signed host function
+    run = make_run(POSITIVE_LEN, negative_rows([2], CONTEXT_DIM))
+    with pytest.raises(PatchError):
+        patch_flux(flux, run)
+    assert flux.attention_function is not original and flux.attention_function.__code__.co_argcount == 3
+    monkeypatch.delattr(flux, "attention")
+    with pytest.raises(PatchError):
+        NeoFluxAdapter(None).check()
+
+
+def test_adapter_matches_neo_models_only(neo):
+    flux, chroma = neo
+
+    class Holder:  # the shape of a WebUI model: sd_model.forge_objects.unet.model.diffusion_model
+        def __init__(self, inner):
+            self.forge_objects = type("F", (), {"unet": type("U", (), {"model": type("M", (), {"diffusion_model": inner})()})()})()
+
+    assert NeoFluxAdapter.matches(Holder(build_flux(flux)))
+    assert NeoFluxAdapter.matches(Holder(build_chroma(chroma)))
+    assert not NeoFluxAdapter.matches(Holder(torch.nn.Linear(2, 2)))
+    assert not NeoFluxAdapter.matches(object())

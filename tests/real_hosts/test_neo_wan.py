@@ -1,0 +1,179 @@
+"""Forge Neo Wan 2.1/2.2 (T2V and I2V) with the real host classes (tiny, CPU): VSF in text cross-attention.
+
+Skips unless VSF_NEO_DIR points at a Forge Neo checkout. The independent computation replaces the
+host's cross-attention `forward` methods by a few lines that project q/k/v with the block's own layers
+and call `vsf_cross_reference` (paper eq. 9) on the text keys; Wan 2.1 I2V adds the untouched
+attention over the 257 image-conditioning tokens, as the host does.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_vsf.attention import Guidance
+from lib_vsf.attention_reference import vsf_cross_reference
+from lib_vsf.layout import text_layout
+from lib_vsf.patching import AttributePatch, PatchError
+from lib_vsf.webui.hosts.base import append_negative
+from lib_vsf.webui.hosts.neo_wan import NeoWanAdapter, patch_wan
+from vsf_host_setup import Recorder, heads_first, heads_last, host_modules, import_host, init_weights, make_run, negative_rows
+
+TEXT_DIM, HEADS, IMAGE_TOKENS = 48, 4, 257
+
+
+@pytest.fixture(scope="module")
+def wan():
+    with host_modules("neo"):
+        yield import_host("backend.nn.wan")
+
+
+def build(wan, kind):
+    model = wan.WanModel(model_type=kind, patch_size=(1, 2, 2), in_dim=16 if kind == "t2v" else 36, dim=64,
+                         ffn_dim=128, freq_dim=32, text_dim=TEXT_DIM, out_dim=16, num_heads=HEADS, num_layers=2)
+    return init_weights(model, seed=11 if kind == "t2v" else 12)
+
+
+def inputs(kind, positive_len, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    inp = {
+        "x": torch.randn(batch, 16 if kind == "t2v" else 36, 2, 8, 8, generator=gen),  # 2 x 4 x 4 = 32 tokens
+        "timestep": torch.rand(batch, generator=gen) * 1000,
+        "context": torch.randn(batch, positive_len, TEXT_DIM, generator=gen),
+    }
+    inp["clip_fea"] = torch.randn(batch, IMAGE_TOKENS, 1280, generator=gen) if kind == "i2v" else None
+    return inp
+
+
+def forward(model, inp, context):
+    with torch.no_grad():
+        return model(inp["x"], inp["timestep"], context, clip_fea=inp["clip_fea"], transformer_options={})
+
+
+def reference_patch(wan, run, alpha, beta):
+    """Cross-attention computed from the block's own layers with `vsf_cross_reference`."""
+
+    def text_part(self, x, context):
+        q = heads_first(self.norm_q(self.q(x)), HEADS, False)
+        k = heads_first(self.norm_k(self.k(context)), HEADS, False)
+        v = heads_first(self.v(context), HEADS, False)
+        layout = text_layout(run.positive_len, run.negative_len, total=k.shape[2], negative_mask=run.negative_mask)
+        return heads_last(vsf_cross_reference(q, k, v, layout, alpha, beta))
+
+    def t2v_forward(self, x, context, **kwargs):
+        return self.o(text_part(self, x, context))
+
+    def i2v_forward(self, x, context, context_img_len):
+        image, text = context[:, :context_img_len], context[:, context_img_len:]
+        q = heads_first(self.norm_q(self.q(x)), HEADS, False)
+        k_img = heads_first(self.norm_k_img(self.k_img(image)), HEADS, False)
+        v_img = heads_first(self.v_img(image), HEADS, False)
+        image_out = heads_last(F.scaled_dot_product_attention(q, k_img, v_img))
+        return self.o(text_part(self, x, text) + image_out)
+
+    return (AttributePatch().add(wan.WanT2VCrossAttention, "forward", t2v_forward)
+            .add(wan.WanI2VCrossAttention, "forward", i2v_forward))
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+@pytest.mark.parametrize("positive_len", [10, 29])  # 29 + 3 negative = 32 = the video's token count
+def test_patched_model_matches_reference(wan, kind, positive_len):
+    model = build(wan, kind)
+    inp = inputs(kind, positive_len)
+    negative = negative_rows([3, 2], TEXT_DIM)
+    context = append_negative(inp["context"], negative)
+    run = make_run(positive_len, negative, alpha=1.7, beta=0.2)
+
+    with patch_wan(wan, run):
+        guided = forward(model, inp, context)
+    assert run.calls == 2  # one text cross-attention per block; self-attention and image tokens untouched
+    with reference_patch(wan, run, 1.7, 0.2):
+        expected = forward(model, inp, context)
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+def test_intercepted_text_call_matches_cross_reference(wan, kind):
+    model = build(wan, kind)
+    inp = inputs(kind, 10, seed=2)
+    negative = negative_rows([4, 1], TEXT_DIM)
+    run = make_run(10, negative, alpha=2.5, beta=0.3)
+    with patch_wan(wan, run):
+        recorder = Recorder(wan.attention_function)
+        with AttributePatch().add(wan, "attention_function", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    key_counts = [c[1].shape[1] for c in recorder.calls]
+    per_block = [32, 14] if kind == "t2v" else [32, IMAGE_TOKENS, 14]  # self, (image,) text
+    assert key_counts == per_block * 2
+    q, k, v, args, kwargs, out = recorder.calls[len(per_block) - 1]
+    layout = text_layout(10, 4, total=14, negative_mask=run.negative_mask)
+    expected = heads_last(vsf_cross_reference(heads_first(q, HEADS, False), heads_first(k, HEADS, False),
+                                              heads_first(v, HEADS, False), layout, 2.5, 0.3))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    if kind == "i2v":  # the image-token call is the host's own attention, bit for bit
+        q, k, v, args, kwargs, out = recorder.calls[1]
+        assert torch.equal(out, wan.attention_function(q, k, v, *args, **kwargs))
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+def test_alpha_zero_beta_inf_equals_unpatched(wan, kind):
+    model = build(wan, kind)
+    inp = inputs(kind, 10, seed=3)
+    negative = negative_rows([5, 2], TEXT_DIM)
+    run = make_run(10, negative, guidance=Guidance("vsf", 0.0, math.inf))
+    with patch_wan(wan, run):
+        guided = forward(model, inp, append_negative(inp["context"], negative))
+    assert run.calls == 2
+    torch.testing.assert_close(guided, forward(model, inp, inp["context"]), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_negative_restore_and_expert_swap(wan):
+    """Empty negative: exact unguided output. A second model instance (Wan 2.2's low-noise expert,
+    loaded mid-sampling) is guided by the same patch. After restore: the original names, bit for bit."""
+    high, low = build(wan, "t2v"), init_weights(build(wan, "t2v"), seed=21)
+    inp = inputs("t2v", 10, seed=4)
+    originals = (wan.attention_function, wan.WanT2VCrossAttention.__dict__["forward"],
+                 wan.WanI2VCrossAttention.__dict__["forward"])
+    unpatched = forward(high, inp, inp["context"])
+
+    run = make_run(10, negative_rows([0, 0], TEXT_DIM))
+    with patch_wan(wan, run):
+        assert torch.equal(forward(high, inp, inp["context"]), unpatched)
+    assert run.calls == 0
+
+    negative = negative_rows([3, 3], TEXT_DIM)
+    run = make_run(10, negative)
+    with patch_wan(wan, run):
+        forward(high, inp, append_negative(inp["context"], negative))
+        forward(low, inp, append_negative(inp["context"], negative))  # the swapped-in expert
+    assert run.calls == 4
+    assert (wan.attention_function, wan.WanT2VCrossAttention.__dict__["forward"],
+            wan.WanI2VCrossAttention.__dict__["forward"]) == originals
+    assert torch.equal(forward(high, inp, inp["context"]), unpatched)
+
+
+def test_refuses_changed_host_without_patching(wan, monkeypatch):
+    run = make_run(10, negative_rows([2], TEXT_DIM))
+    original = wan.attention_function
+    monkeypatch.setattr(wan.WanI2VCrossAttention, "forward", lambda self, x, context: x)  # host re-signed
+    with pytest.raises(PatchError):
+        patch_wan(wan, run)
+    assert wan.attention_function is original
+    monkeypatch.undo()
+    monkeypatch.delattr(wan, "attention_function")
+    with pytest.raises(PatchError):
+        NeoWanAdapter(None).check()
+
+
+def test_adapter_matches_wan_only(wan):
+    holder = type("SD", (), {})()
+    holder.forge_objects = type("F", (), {})()
+    holder.forge_objects.unet = type("U", (), {})()
+    holder.forge_objects.unet.model = type("M", (), {})()
+    holder.forge_objects.unet.model.diffusion_model = build(wan, "t2v")
+    assert NeoWanAdapter.matches(holder)
+    holder.forge_objects.unet.model.diffusion_model = torch.nn.Linear(2, 2)
+    assert not NeoWanAdapter.matches(holder)

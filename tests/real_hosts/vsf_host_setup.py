@@ -1,0 +1,156 @@
+"""Import a WebUI host's model code from a local checkout, for the real-host tests of Forge Neo and reForge.
+
+The tests skip unless `VSF_NEO_DIR` (Forge Neo, `neo` branch), `VSF_REFORGE_DIR` (reForge) or
+`VSF_FORGE_DIR` (Forge) point at a checkout. Forge and Forge Neo both own a top-level `backend`
+package, so `host_modules()` swaps the host's modules in and out of `sys.modules`: every test file runs
+alone or together with the others in one pytest process. Nothing here is host code.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+# Top-level packages that belong to a host (and clash between Forge and Forge Neo).
+HOST_PACKAGES = ("backend", "modules_forge", "ldm_patched", "huggingface_guess", "gguf", "packages_3rdparty")
+
+HOSTS = {
+    # env var, extra sys.path entries (relative to the root), argv the host's arg parser needs on CPU
+    "neo": ("VSF_NEO_DIR", ("modules_forge/packages",), ["--cpu", "--use-pytorch-cross-attention"]),
+    "forge": ("VSF_FORGE_DIR", ("packages_3rdparty",), ["--always-cpu"]),
+    "reforge": ("VSF_REFORGE_DIR", (), ["--always-cpu", "--attention-pytorch"]),
+}
+
+
+def host_root(host: str) -> str:
+    """The checkout of `host` named by its environment variable, or skip the calling test."""
+    env, _, _ = HOSTS[host]
+    root = os.environ.get(env)
+    if not root or not os.path.isdir(root):
+        pytest.skip(f"{env} does not point at a {host} checkout")
+    return os.path.abspath(root)
+
+
+def _is_host_module(name: str) -> bool:
+    return name.split(".", 1)[0] in HOST_PACKAGES
+
+
+@contextlib.contextmanager
+def host_modules(host: str):
+    """Make `host`'s packages importable for the duration: other hosts' modules are set aside and put
+    back afterwards, together with `sys.path` and `sys.argv`."""
+    root = host_root(host)
+    _, extra, argv = HOSTS[host]
+    saved_modules = {n: m for n, m in sys.modules.items() if _is_host_module(n)}
+    for name in saved_modules:
+        del sys.modules[name]
+    saved_path, saved_argv = list(sys.path), list(sys.argv)
+    sys.path[:0] = [root] + [os.path.join(root, e) for e in extra]
+    sys.argv = [saved_argv[0] if saved_argv else "pytest", *argv]
+    try:
+        if host == "reforge":
+            from ldm_patched.modules import args_parser  # type: ignore[import-not-found]
+            args_parser.args, _ = args_parser.parser.parse_known_args()
+        yield root
+    finally:
+        for name in [n for n in sys.modules if _is_host_module(n)]:
+            del sys.modules[name]
+        sys.modules.update(saved_modules)
+        sys.path[:] = saved_path
+        sys.argv = saved_argv
+
+
+def import_host(name: str):
+    """`importlib.import_module`, turning a missing optional dependency into a skip."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        pytest.skip(f"host module {name} needs {exc.name} (pip install it to run this test)")
+
+
+def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> torch.nn.Module:
+    """Deterministic weights for a tiny host model. Hosts leave some parameters uninitialised
+    (`torch.empty` modulation tensors, `disable_weight_init` ops): norm scales get 1 + noise, the rest
+    small noise, so activations stay O(1) and no NaN/garbage memory is ever read."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen) * std
+            is_norm_scale = param.ndim == 1 and any(s in name for s in ("norm", "scale", "ln_")) and "bias" not in name
+            param.copy_((1.0 + noise) if is_norm_scale else noise)
+        for name, buf in model.named_buffers():  # e.g. a position table allocated with torch.empty
+            if buf.is_floating_point() and not (torch.isfinite(buf).all() and buf.abs().max() < 1e3):
+                buf.copy_(torch.randn(buf.shape, generator=gen) * std)
+    return model.eval()
+
+
+def git_commit(root: str) -> str:
+    """The checkout's HEAD commit (for test reports), or "unknown"."""
+    head = os.path.join(root, ".git", "HEAD")
+    try:
+        ref = open(head).read().strip()
+        if ref.startswith("ref: "):
+            path = os.path.join(root, ".git", ref[5:])
+            if os.path.exists(path):
+                return open(path).read().strip()
+            packed = os.path.join(root, ".git", "packed-refs")
+            for line in open(packed):
+                if line.strip().endswith(ref[5:]):
+                    return line.split()[0]
+        return ref
+    except OSError:
+        return "unknown"
+
+
+# -- guidance state as the runner sets it up -------------------------------------------------------------
+
+def negative_rows(lengths, width: int, seed: int = 1):
+    """`NegativeText` with one row per sample of the given token counts (0 = empty prompt)."""
+    from lib_vsf.state import NegativeText
+
+    gen = torch.Generator().manual_seed(seed)
+    return NegativeText.from_sequences([torch.randn(n, width, generator=gen) for n in lengths])
+
+
+def make_run(positive_len: int, negative, alpha: float = 3.3, beta: float = 0.2, guidance=None):
+    """A `GuidanceRun` at step 0 of 4 holding the text stream `[P (positive_len), negative]`.
+    `guidance` overrides the settings at attention level (e.g. beta = inf, which settings refuse)."""
+    from lib_vsf.settings import VSFSettings
+    from lib_vsf.state import GuidanceRun
+
+    run = GuidanceRun(VSFSettings(alpha=alpha, beta=beta))
+    run.set_step(0, 4)
+    run.set_text(positive_len, negative)
+    if guidance is not None:
+        run.guidance = lambda: guidance  # instance attribute shadows the method
+    return run
+
+
+def heads_first(t: torch.Tensor, heads: int, skip_reshape: bool) -> torch.Tensor:
+    """`[B, L, H*D]` -> `[B, H, L, D]` (identity when the host already passes `[B, H, L, D]`)."""
+    if skip_reshape:
+        return t
+    return t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)  # also takes [B, L, H, D]
+
+
+def heads_last(t: torch.Tensor) -> torch.Tensor:
+    """`[B, H, L, D]` -> `[B, L, H*D]`."""
+    b, h, length, d = t.shape
+    return t.transpose(1, 2).reshape(b, length, h * d)
+
+
+class Recorder:
+    """Wraps an attention function and keeps every call's q/k/v and output (`calls`)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls = []
+
+    def __call__(self, q, k, v, *args, **kwargs):
+        out = self.fn(q, k, v, *args, **kwargs)
+        self.calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), args, dict(kwargs), out.detach().clone()))
+        return out
