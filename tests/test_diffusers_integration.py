@@ -53,7 +53,7 @@ def same_processors(before, after):
     return all(b.keys() == a.keys() and all(b[k] is a[k] for k in b) for b, a in zip(before, after))
 
 
-@pytest.mark.parametrize("name", ["sd3", "sd35m", "sd3-no-t5", "flux", "wan", "wan22", "sd15", "sdxl"])
+@pytest.mark.parametrize("name", ["sd3", "sd35m", "sd3-no-t5", "flux", "wan", "wan22", "wan-i2v", "sd15", "sdxl"])
 def test_family_generates_with_vsf_and_restores_exactly(pipes, name):
     pipe = pipes(name)
     before_procs = processors(pipe)

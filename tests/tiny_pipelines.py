@@ -197,5 +197,39 @@ CALL_ARGS = {
 
 
 def call_args(name: str) -> dict:
-    family = {"sd35m": "sd3", "sd3-no-t5": "sd3", "wan22": "wan", "sd15": "unet", "sdxl": "unet"}.get(name, name)
-    return dict(CALL_ARGS[family])
+    family = {"sd35m": "sd3", "sd3-no-t5": "sd3", "wan22": "wan", "wan-i2v": "wan", "sd15": "unet",
+              "sdxl": "unet"}.get(name, name)
+    args = dict(CALL_ARGS[family])
+    if name == "wan-i2v":
+        from PIL import Image
+
+        args["image"] = Image.new("RGB", (16, 16), (200, 30, 30))
+    return args
+
+
+def wan_i2v_pipeline(seed: int = 0):
+    """Wan 2.1 image-to-video pipeline: CLIP-vision image tokens in front of the text (`add_k_proj`)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=36, out_channels=16,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=16, added_kv_proj_dim=24,
+    ).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True]).eval()
+    torch.manual_seed(seed + 5)
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, projection_dim=16, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        intermediate_size=16, patch_size=4)).eval()
+    processor = CLIPImageProcessor(crop_size=16, size={"shortest_edge": 16})
+    return WanImageToVideoPipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=t5_encoder(32, seed=seed + 1, umt5=True), tokenizer=t5_tokenizer(32),
+        image_encoder=vision, image_processor=processor,
+    )
+
+
+BUILDERS["wan-i2v"] = wan_i2v_pipeline
