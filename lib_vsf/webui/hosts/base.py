@@ -36,6 +36,10 @@ Contract, in words:
 - `backend_note()` returns a one-line message when the user's attention backend cannot carry the
   mask VSF needs (we then compute guided calls with PyTorch SDPA), else None.
 
+`hosts/_forge.py` holds the Forge-family pieces (`attach_forge`: negative into `c_crossattn` through
+the UnetPatcher's model-function wrapper plus one conditional pass; `host_encode`, `clip_chunk_lengths`,
+`t5_length`, `unpad_clip_t5`, `flux_negative`, `encode_each`) that other Forge-family adapters may reuse.
+
 Everything here is host-free (no `modules.*` imports). Adapter modules are discovered automatically
 (every module of `lib_vsf/webui/hosts/`, see `hosts/__init__.py`) and imported on every host, so they
 must import host code (`modules.*`, `backend.*`, `ldm_patched.*`) lazily, inside `matches()` and the
@@ -67,6 +71,8 @@ class SamplingContext:
     negative: NegativeText
     single_pass: bool = True
     undo: list[Callable[[], None]] = field(default_factory=list)
+    # Per-step facts the runner's step callback saw (e.g. "text_uncond"), for adapters that need them.
+    host_state: dict[str, Any] = field(default_factory=dict)
 
     @property
     def settings(self) -> VSFSettings:
