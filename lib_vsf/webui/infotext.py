@@ -1,0 +1,75 @@
+"""VSF parameters in the PNG infotext and back into the UI.
+
+Written (`write`) into `p.extra_generation_params` only when guidance actually ran, as
+`VSF method: vsf, VSF alpha: 3.3, VSF beta: 0.2, VSF tau: 2.5, VSF lambda: 0, VSF start: 0, VSF end: 1,
+VSF preset: VSF Quality, VSF single pass: True`. Read back (`paste_fields`) through the script's
+`infotext_fields`: each entry maps one UI component to a function of the parsed infotext dict that
+returns the component's value, or None to leave it alone (the host then sends no update).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from ..settings import CUSTOM_PRESET, METHOD_LABELS, INFOTEXT_KEYS, VSFSettings, VSFSettingsError, matching_preset
+from .args import ScriptArgs
+
+PRESET_KEY = "VSF preset"
+SINGLE_PASS_KEY = "VSF single pass"
+
+
+def infotext_params(args: ScriptArgs) -> dict[str, Any]:
+    """The infotext entries for a guided generation."""
+    out: dict[str, Any] = dict(args.settings.to_infotext())
+    out[PRESET_KEY] = args.preset
+    out[SINGLE_PASS_KEY] = bool(args.single_pass)
+    return out
+
+
+def write(p: Any, args: ScriptArgs) -> None:
+    """Record the settings on `p` so that every image of the generation carries them."""
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict):
+        params.update(infotext_params(args))
+
+
+def read(params: Mapping[str, Any]) -> ScriptArgs | None:
+    """`ScriptArgs` from a parsed infotext dict, or None when it holds no (valid) VSF entries."""
+    if INFOTEXT_KEYS["method"] not in params:
+        return None
+    try:
+        settings = VSFSettings.from_infotext(params)
+    except VSFSettingsError:
+        return None
+    preset = str(params.get(PRESET_KEY) or matching_preset(settings))
+    single = str(params.get(SINGLE_PASS_KEY, "True")).strip().lower() not in ("false", "0", "no")
+    return ScriptArgs(True, settings, single, preset)
+
+
+def paste_fields() -> list[tuple[str, Callable[[Mapping[str, Any]], Any]]]:
+    """`(arg name, getter)` pairs in UI order; a getter returns None when the infotext has no VSF."""
+
+    def getter(extract: Callable[[ScriptArgs], Any]) -> Callable[[Mapping[str, Any]], Any]:
+        def get(params: Mapping[str, Any]) -> Any:
+            args = read(params)
+            return None if args is None else extract(args)
+        return get
+
+    def enabled(params: Mapping[str, Any]) -> bool:
+        # An infotext without VSF switches the accordion off, as the host does for its own options.
+        return read(params) is not None
+
+    def preset(args: ScriptArgs) -> str:
+        from ..settings import PRESETS
+        return args.preset if args.preset in PRESETS or args.preset == CUSTOM_PRESET else CUSTOM_PRESET
+
+    return [
+        ("enabled", enabled),
+        ("method", getter(lambda a: METHOD_LABELS[a.settings.method])),
+        ("preset", getter(preset)),
+        ("alpha", getter(lambda a: a.settings.alpha)),
+        ("beta", getter(lambda a: a.settings.beta)),
+        ("lambda", getter(lambda a: a.settings.flux_lambda)),
+        ("start", getter(lambda a: a.settings.start)),
+        ("end", getter(lambda a: a.settings.end)),
+        ("single_pass", getter(lambda a: a.single_pass)),
+    ]

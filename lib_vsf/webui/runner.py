@@ -1,0 +1,235 @@
+"""One `Generation` per WebUI generation: the script hooks call into it, and it undoes everything.
+
+Lifecycle (all hosts):
+
+- `start(p, script_args)` (script `process` hook): parse the arguments (and XYZ overrides); when VSF is
+  on, create the `Generation`, keep it on `p` (never on a class: two API requests never share it),
+  and wrap `p.sample` so that every sampling pass ends in a `finally` that undoes the pass — on
+  success, exception, interrupt and skip alike. Bad arguments replace `p.sample` with a function that
+  raises the `VSFSettingsError` (script hooks swallow exceptions; `p.sample` is where a failure
+  reaches the UI and the HTTP API as an error), so nothing is generated and nothing changes.
+- `begin_pass(p)` (`process_before_every_sampling`, also for the hires-fix pass): find the adapter
+  for `p.sd_model`, check the host code, encode this pass's negative prompts, let the adapter attach
+  (negative into the text stream, one conditional pass) and apply its attention patch. Unsupported
+  model or host, or a host that changed: one visible warning (`p.comment`), nothing patched, the
+  image is exactly what the host makes without the extension.
+- `on_cfg_denoiser(params)` (registered once per process): step index for the step window.
+- `end_pass()` (the `p.sample` wrapper's `finally`, `postprocess`, and any new `begin_pass`): run the
+  pass's undo list in reverse, each step guarded, so one failing undo cannot leave the others undone.
+- `finish(p)` (`postprocess`): end the pass, unwrap `p.sample`, drop the generation from `p`.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+import weakref
+from typing import Any, Sequence
+
+from ..patching import AttributePatch, PatchError
+from ..settings import VSFSettingsError
+from ..state import GuidanceRun, NegativeText
+from . import hosts, infotext
+from .args import ScriptArgs, parse_script_args
+from .hosts.base import HostAdapter, SamplingContext
+from .xyz import OVERRIDES_ATTR, apply_overrides
+
+log = logging.getLogger("vsf")
+
+GENERATION_ATTR = "vsf_generation"
+UNSUPPORTED = ("VSF: {model} is not supported on this host yet; this image was generated without VSF "
+               "(supported: Forge SD3/SD3.5 and Flux, AUTOMATIC1111 SD3).")
+
+# The generation whose sampling runs now: the fallback for step callbacks that carry no `p`.
+_current: "weakref.ReferenceType[Generation] | None" = None
+
+
+class Generation:
+    """State of one generation (see the module docstring)."""
+
+    def __init__(self, p: Any, args: ScriptArgs):
+        self.args = args
+        self.run = GuidanceRun(args.settings)
+        self.ctx: SamplingContext | None = None
+        self.adapter: HostAdapter | None = None
+        self.passes = 0  # sampling passes guided so far (first pass, hires pass)
+        self.warnings: list[str] = []
+        self._p = weakref.ref(p)
+        self._negatives: dict[tuple, NegativeText] = {}
+        self._sample_patch: AttributePatch | None = None
+
+    # -- messages ------------------------------------------------------------------------------------
+    def warn(self, message: str) -> None:
+        """Show `message` once per generation under the image (and in the console)."""
+        if message in self.warnings:
+            return
+        self.warnings.append(message)
+        log.warning("[VSF] %s", message)
+        p = self._p()
+        if p is not None and callable(getattr(p, "comment", None)):
+            p.comment(message)
+
+    # -- sampling passes ----------------------------------------------------------------------------
+    def begin_pass(self, p: Any) -> bool:
+        """Prepare guidance for the sampling pass about to run; False when it runs unguided."""
+        global _current
+        self.end_pass()
+        sd_model = getattr(p, "sd_model", None)
+        adapter = hosts.find_adapter(sd_model)
+        if adapter is None:
+            self.warn(UNSUPPORTED.format(model=hosts.describe_model(sd_model)))
+            return False
+        ctx = None
+        try:
+            adapter.check()
+            negative = self._negative_for(p, adapter)
+            ctx = SamplingContext(self.run, negative, self.args.single_pass)
+            self.ctx = ctx
+            adapter.attach(p, ctx)
+            patch = adapter.patch(self.run)
+            patch.apply()
+            ctx.add_undo(patch.restore)
+        except PatchError as exc:
+            self.end_pass()
+            self.warn(f"VSF is off for this image: {exc}")
+            return False
+        except Exception as exc:  # noqa: BLE001 - never a stack trace in the UI; console keeps it
+            log.error("[VSF] could not set up guidance:\n%s", traceback.format_exc())
+            self.end_pass()
+            self.warn(f"VSF is off for this image: {type(exc).__name__}: {exc}")
+            return False
+        self.adapter = adapter
+        self.passes += 1
+        _current = weakref.ref(self)
+        note = adapter.backend_note()
+        if note:
+            self.warn(note)
+        if negative.is_empty:
+            self.warn("VSF: the negative prompt is empty, so there is nothing to steer away from.")
+        infotext.write(p, self.args)
+        return True
+
+    def end_pass(self) -> None:
+        """Undo everything the current pass changed (idempotent)."""
+        ctx, self.ctx = self.ctx, None
+        if ctx is None:
+            return
+        while ctx.undo:
+            undo = ctx.undo.pop()
+            try:
+                undo()
+            except Exception:  # noqa: BLE001 - keep undoing the rest
+                log.error("[VSF] restoring failed:\n%s", traceback.format_exc())
+        self.run.set_text(0, None)
+
+    def on_step(self, params: Any) -> None:
+        """Step callback: current step for the window, and the step's uncond for adapters."""
+        self.run.set_step(getattr(params, "sampling_step", 0), getattr(params, "total_sampling_steps", 0) or 0)
+        if self.ctx is not None:
+            self.ctx.host_state["text_uncond"] = getattr(params, "text_uncond", None)
+
+    def _negative_for(self, p: Any, adapter: HostAdapter) -> NegativeText:
+        prompts = _pass_negative_prompts(p)
+        key = (adapter.name, id(adapter.sd_model), tuple(prompts))
+        if key not in self._negatives:
+            self._negatives[key] = adapter.encode_negative(p, prompts, self.args.settings)
+        return self._negatives[key]
+
+    # -- p.sample wrapper -----------------------------------------------------------------------------
+    def wrap_sample(self, p: Any) -> None:
+        """Wrap `p.sample` so that each sampling ends with `end_pass()` in a `finally`."""
+        original = p.sample
+        generation = weakref.ref(self)
+
+        def sample(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            finally:
+                current = generation()
+                if current is not None:
+                    current.end_pass()
+
+        sample.__vsf_original__ = original
+        self._sample_patch = AttributePatch().add(p, "sample", sample).apply()
+
+    def close(self) -> None:
+        """End the pass and unwrap `p.sample`."""
+        global _current
+        self.end_pass()
+        if self._sample_patch is not None:
+            self._sample_patch.restore()
+            self._sample_patch = None
+        if _current is not None and _current() is self:
+            _current = None
+
+
+def _pass_negative_prompts(p: Any) -> list[str]:
+    """Negative prompts of the images of the current batch, for the pass about to run."""
+    prompts = None
+    if getattr(p, "is_hr_pass", False):
+        prompts = getattr(p, "hr_negative_prompts", None)
+    if not prompts:
+        prompts = getattr(p, "negative_prompts", None)
+    if not prompts:
+        prompt = getattr(p, "negative_prompt", "") or ""
+        prompts = [prompt] * max(int(getattr(p, "batch_size", 1) or 1), 1)
+    return [str(x or "") for x in prompts]
+
+
+def _refuse(error: Exception):
+    def sample(*_args, **_kwargs):
+        raise error
+    return sample
+
+
+def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
+    """Script `process` hook: parse the arguments and set up the generation (module docstring)."""
+    finish(p)  # a reused `p` (or a failed earlier run) starts clean
+    try:
+        args = apply_overrides(parse_script_args(script_args), getattr(p, OVERRIDES_ATTR, None))
+    except VSFSettingsError as exc:
+        log.error("[VSF] %s", exc)
+        refusal = AttributePatch().add(p, "sample", _refuse(VSFSettingsError(f"Value Sign Flip: {exc}"))).apply()
+        setattr(p, GENERATION_ATTR, refusal)
+        return None
+    if not args.enabled:
+        return None
+    generation = Generation(p, args)
+    generation.wrap_sample(p)
+    setattr(p, GENERATION_ATTR, generation)
+    return generation
+
+
+def generation_of(p: Any) -> Generation | None:
+    """The generation kept on `p`, if VSF is on for it."""
+    generation = getattr(p, GENERATION_ATTR, None)
+    return generation if isinstance(generation, Generation) else None
+
+
+def begin_pass(p: Any) -> bool:
+    """Script `process_before_every_sampling` hook."""
+    generation = generation_of(p)
+    return generation.begin_pass(p) if generation is not None else False
+
+
+def finish(p: Any) -> None:
+    """Script `postprocess` hook: undo everything and forget the generation."""
+    held = getattr(p, GENERATION_ATTR, None)
+    if isinstance(held, Generation):
+        held.close()
+    elif isinstance(held, AttributePatch):  # the refusal installed for bad arguments
+        held.restore()
+    if held is not None:
+        try:
+            delattr(p, GENERATION_ATTR)
+        except AttributeError:
+            pass
+
+
+def on_cfg_denoiser(params: Any) -> None:
+    """Step callback, registered once: route the step to the generation whose sampler this is."""
+    p = getattr(getattr(params, "denoiser", None), "p", None)
+    generation = generation_of(p) if p is not None else None
+    if generation is None and _current is not None:
+        generation = _current()
+    if generation is not None:
+        generation.on_step(params)

@@ -1,0 +1,124 @@
+"""X/Y/Z plot axes: `[VSF] Method`, `Preset`, `Alpha`, `Beta`, `Lambda`, `Start`, `End`.
+
+`register_axes()` runs from an `on_before_ui` callback: it finds the host's loaded `xyz_grid.py`
+module and appends one `AxisOption` per axis, once (labels already present are skipped, so a reload
+or a second call adds nothing). Each axis stores its value on the cell's `p` in a fresh dict
+(`p.vsf_xyz`; XYZ cells are shallow copies of one `p`, so the dict is replaced, never mutated), and
+the runner applies those overrides on top of the script's arguments: preset first, then method and
+numbers. A VSF axis turns VSF on for its cells (a grid over `[VSF] Alpha` with the accordion closed
+still compares alphas); `[VSF] Method: Off` turns it off, for with/without comparisons.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Mapping
+
+from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettingsError, from_preset, matching_preset
+from .args import ScriptArgs, method_key, preset_name
+
+log = logging.getLogger("vsf")
+
+OVERRIDES_ATTR = "vsf_xyz"
+OFF = "Off"
+# (label, field, value type)
+AXES: tuple[tuple[str, str, type], ...] = (
+    ("[VSF] Method", "method", str),
+    ("[VSF] Preset", "preset", str),
+    ("[VSF] Alpha", "alpha", float),
+    ("[VSF] Beta", "beta", float),
+    ("[VSF] Lambda", "flux_lambda", float),
+    ("[VSF] Start", "start", float),
+    ("[VSF] End", "end", float),
+)
+
+
+def method_choices() -> list[str]:
+    return [*METHOD_LABELS.values(), OFF]
+
+
+def preset_choices() -> list[str]:
+    return [*PRESETS]
+
+
+def make_apply(field: str) -> Callable[[Any, Any, Any], None]:
+    """The XYZ `apply(p, value, values)` of one axis: store `value` in the cell's override dict."""
+
+    def apply(p: Any, value: Any, _values: Any) -> None:
+        overrides = dict(getattr(p, OVERRIDES_ATTR, None) or {})
+        overrides[field] = value
+        setattr(p, OVERRIDES_ATTR, overrides)
+
+    apply.__name__ = f"apply_vsf_{field}"
+    return apply
+
+
+def make_confirm(field: str) -> Callable[[Any, list], None]:
+    """Validate a whole axis before the grid runs, so a bad value fails at once with a clear message."""
+
+    def confirm(_p: Any, values: list) -> None:
+        for value in values:
+            apply_overrides(ScriptArgs(True, PRESETS["VSF Quality"]), {field: value})
+
+    return confirm
+
+
+def apply_overrides(args: ScriptArgs, overrides: Mapping[str, Any] | None) -> ScriptArgs:
+    """`args` with the XYZ overrides of one cell applied (raises VSFSettingsError on a bad value)."""
+    if not overrides:
+        return args
+    settings, preset, enabled = args.settings, args.preset, True
+    if "preset" in overrides:
+        preset = preset_name(overrides["preset"])
+        if preset != CUSTOM_PRESET:
+            settings = from_preset(preset).replace(start=settings.start, end=settings.end,
+                                                   flux_lambda=settings.flux_lambda)
+    if "method" in overrides:
+        if str(overrides["method"]).strip().lower() == OFF.lower():
+            enabled = False
+        else:
+            settings = settings.replace(method=method_key(overrides["method"]))
+    numbers = {k: v for k, v in overrides.items() if k in ("alpha", "beta", "flux_lambda", "start", "end")}
+    if numbers:
+        try:
+            settings = settings.replace(**{k: float(v) for k, v in numbers.items()})
+        except (TypeError, ValueError) as exc:
+            raise VSFSettingsError(f"XYZ value is not a number: {exc}") from None
+    if matching_preset(settings) != preset:
+        preset = matching_preset(settings)
+    return ScriptArgs(enabled, settings, args.single_pass, preset)
+
+
+def find_xyz_module(scripts_data: list) -> Any | None:
+    """The loaded `xyz_grid.py` module among the host's `scripts.scripts_data`, or None."""
+    for entry in scripts_data:
+        cls = getattr(entry, "script_class", None)
+        if cls is not None and getattr(cls, "__module__", "") == "xyz_grid.py":
+            return getattr(entry, "module", None)
+    return None
+
+
+def register_axes(*_args: Any, scripts_module: Any = None) -> int:
+    """Append the VSF axes to the host's XYZ plot; returns how many were added (0 when already there
+    or when the host has no XYZ script)."""
+    if scripts_module is None:
+        try:
+            from modules import scripts as scripts_module  # type: ignore[import-not-found,no-redef]
+        except Exception:  # noqa: BLE001 - not on a host
+            return 0
+    xyz = find_xyz_module(getattr(scripts_module, "scripts_data", []))
+    if xyz is None or not hasattr(xyz, "AxisOption") or not hasattr(xyz, "axis_options"):
+        log.info("[VSF] no X/Y/Z plot script found; VSF axes not registered")
+        return 0
+    present = {getattr(option, "label", None) for option in xyz.axis_options}
+    added = 0
+    for label, field, kind in AXES:
+        if label in present:
+            continue
+        kwargs: dict[str, Any] = {"confirm": make_confirm(field)}
+        if field == "method":
+            kwargs["choices"] = method_choices
+        elif field == "preset":
+            kwargs["choices"] = preset_choices
+        xyz.axis_options.append(xyz.AxisOption(label, kind, make_apply(field), **kwargs))
+        added += 1
+    return added
