@@ -28,7 +28,8 @@ def check_flux_module(flux: ModuleType) -> None:
     """Raise PatchError unless `flux` is Forge's Flux file (`attention(q, k, v, pe)` calling a
     module-level `attention_function(q, k, v, heads, ..., skip_reshape)`)."""
     check_callable(flux, "attention", ("q", "k", "v", "pe"))
-    check_callable(flux, "attention_function", ("q", "k", "v", "heads", "mask", "skip_reshape"))
+    # q, k, v are positional (the sub-quadratic kernel names them query, key, value)
+    check_callable(flux, "attention_function", ("heads", "mask", "attn_precision", "skip_reshape"))
 
 
 def patch_flux_module(flux: ModuleType, run: GuidanceRun) -> AttributePatch:
