@@ -159,3 +159,23 @@ def is_forge_neo() -> bool:
     except Exception:  # noqa: BLE001 - not a Forge-family host
         return False
     return str(getattr(forge_version, "version", "")).lower().startswith("neo")
+
+
+def check_attention_function(owner: Any, name: str, keywords: tuple[str, ...] = ("mask",)) -> Callable:
+    """`owner.name` if it is an attention function `(q, k, v, heads, ...)` accepting `keywords` by
+    name, else PatchError. The first four parameters are checked by position only: hosts pick the
+    implementation at start-up and some spell them `query, key, value` (Forge's sub-quadratic kernel)."""
+    import inspect
+
+    from ...patching import PatchError, check_callable
+
+    target = check_callable(owner, name, keywords)
+    try:
+        params = list(inspect.signature(target).parameters.values())
+    except (TypeError, ValueError):
+        return target
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 4 and not any(p.kind is p.VAR_POSITIONAL for p in params):
+        where = f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
+        raise PatchError(f"{where} does not take (q, k, v, heads) (host version not supported)")
+    return target

@@ -21,7 +21,7 @@ from typing import Any
 
 from ...patching import AttributePatch, check_callable
 from ...state import GuidanceRun
-from ._guided import batch_fits, class_is, diffusion_model, guided_call, is_forge_neo, split_mask_arg, warn_once
+from ._guided import batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo, split_mask_arg, warn_once
 from .base import HostAdapter
 
 FLUX_MODULE = "backend.nn.flux"
@@ -33,7 +33,7 @@ def check_flux_module(flux: ModuleType) -> None:
     """Raise PatchError unless `flux` is Neo's Flux file: `attention(q, k, v, pe, mask,
     transformer_options)` calling a module-level `attention_function(q, k, v, heads, ...)`."""
     check_callable(flux, "attention", ("q", "k", "v", "pe", "mask", "transformer_options"))
-    check_callable(flux, "attention_function", ("q", "k", "v", "heads", "mask", "skip_reshape"))
+    check_attention_function(flux, "attention_function", ("mask", "skip_reshape"))
 
 
 def make_flux_attention(original, run: GuidanceRun):

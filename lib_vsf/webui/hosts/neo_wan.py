@@ -21,7 +21,7 @@ from typing import Any
 
 from ...patching import AttributePatch, check_callable
 from ...state import GuidanceRun
-from ._guided import (CallScope, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
+from ._guided import (CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg)
 from .base import HostAdapter
 
@@ -32,7 +32,7 @@ CROSS_SCOPE = CallScope("vsf_neo_wan_cross_attention")
 
 def check_wan_module(wan: ModuleType) -> None:
     """Raise PatchError unless `wan` has the attention name and the cross-attention classes we wrap."""
-    check_callable(wan, "attention_function", ("q", "k", "v", "heads"))
+    check_attention_function(wan, "attention_function", ("heads",))
     for class_name, params in (("WanT2VCrossAttention", ("x", "context")),
                                ("WanI2VCrossAttention", ("x", "context", "context_img_len"))):
         check_callable(check_callable(wan, class_name), "forward", params)

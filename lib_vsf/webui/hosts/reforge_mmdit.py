@@ -19,7 +19,7 @@ from typing import Any
 
 from ...patching import AttributePatch, check_callable
 from ...state import GuidanceRun
-from ._guided import CallScope, ScopeState, batch_fits, class_is, diffusion_model, guided_call, split_mask_arg
+from ._guided import CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, split_mask_arg
 from .base import HostAdapter
 
 MMDIT_MODULE = "ldm_patched.ldm.modules.diffusionmodules.mmdit"
@@ -30,7 +30,7 @@ MIXING_SCOPE = CallScope("vsf_reforge_block_mixing")
 def check_mmdit_module(mmdit: ModuleType) -> None:
     """Raise PatchError unless `mmdit` has `optimized_attention(q, k, v, heads, ...)` and
     `_block_mixing(context, x, context_block, x_block, c)`."""
-    check_callable(mmdit, "optimized_attention", ("q", "k", "v", "heads", "mask"))
+    check_attention_function(mmdit, "optimized_attention", ("heads", "mask"))
     check_callable(mmdit, "_block_mixing", ("context", "x", "context_block", "x_block", "c"))
 
 

@@ -1,0 +1,188 @@
+"""SD1.5/SDXL-style UNets of Forge Neo, Forge and reForge with the real host classes (tiny, CPU):
+VSF in every attn2 (paper eq. 9), attn1 untouched.
+
+Each host skips unless its checkout is named: VSF_NEO_DIR, VSF_FORGE_DIR, VSF_REFORGE_DIR. The
+independent computation replaces each transformer block's `attn2.forward` *on the instance* by a few
+lines that project with the block's own layers and call `vsf_cross_reference`; the adapter instead
+patches the module-level attention name and tells attn2 from attn1 with a call scope. One case makes
+the text stream exactly as long as an image level (16 tokens), where counting keys alone would guide
+self-attention too.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import pytest
+import torch
+
+from lib_vsf.attention import Guidance
+from lib_vsf.attention_reference import vsf_cross_reference
+from lib_vsf.layout import text_layout
+from lib_vsf.patching import AttributePatch, PatchError
+from lib_vsf.webui.hosts.base import append_negative
+from lib_vsf.webui.hosts.unet_attn2 import (ForgeUNetAdapter, NeoUNetAdapter, ReforgeUNetAdapter,
+                                            patch_unet)
+from vsf_host_setup import (Recorder, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
+                            negative_rows)
+
+CONTEXT_DIM, HEADS_CHANNELS = 32, 16
+
+
+@dataclass
+class Host:
+    name: str
+    unet: ModuleType        # module defining the UNet class
+    attention: ModuleType   # module defining CrossAttention and the attention name
+    attention_name: str
+    adapter: type
+
+    def build(self, seed=0):
+        common = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1, channel_mult=(1, 2),
+                      num_head_channels=HEADS_CHANNELS, use_spatial_transformer=True, transformer_depth=[1, 1],
+                      transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1, context_dim=CONTEXT_DIM,
+                      use_linear_in_transformer=True)
+        if self.name == "reforge":
+            ops = import_host("ldm_patched.modules.ops")
+            model = self.unet.UNetModel(image_size=None, operations=ops.disable_weight_init, **common)
+        else:
+            model = self.unet.IntegratedUNet2DConditionModel(**common)
+        return init_weights(model, seed=seed)
+
+
+@pytest.fixture(scope="module", params=["neo", "forge", "reforge"])
+def host(request):
+    with host_modules(request.param):
+        if request.param == "reforge":
+            unet = import_host("ldm_patched.ldm.modules.diffusionmodules.openaimodel")
+            attention = import_host("ldm_patched.ldm.modules.attention")
+            yield Host("reforge", unet, attention, "optimized_attention", ReforgeUNetAdapter)
+        else:
+            unet = import_host("backend.nn.unet")
+            yield Host(request.param, unet, unet, "attention_function",
+                       NeoUNetAdapter if request.param == "neo" else ForgeUNetAdapter)
+
+
+def inputs(positive_len, batch=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "x": torch.randn(batch, 4, 8, 8, generator=gen),  # attention levels: 64 and 16 tokens
+        "t": torch.rand(batch, generator=gen) * 999,
+        "context": torch.randn(batch, positive_len, CONTEXT_DIM, generator=gen),
+    }
+
+
+def forward(model, inp, context):
+    with torch.no_grad():
+        return model(inp["x"], timesteps=inp["t"], context=context, transformer_options={})
+
+
+def attn2_modules(model):
+    return [m.attn2 for m in model.modules() if hasattr(m, "attn2") and hasattr(m, "attn1")]
+
+
+def reference_patch(model, run, alpha, beta):
+    """Every block's attn2 computed with `vsf_cross_reference` from its own projections."""
+    patch = AttributePatch()
+    for attn in attn2_modules(model):
+        def reference_forward(x, context=None, *args, _attn=attn, **kwargs):
+            q, k, v = (heads_first(t, _attn.heads, False) for t in (_attn.to_q(x), _attn.to_k(context), _attn.to_v(context)))
+            layout = text_layout(run.positive_len, run.negative_len, total=k.shape[2], negative_mask=run.negative_mask)
+            return _attn.to_out(heads_last(vsf_cross_reference(q, k, v, layout, alpha, beta)))
+        patch.add(attn, "forward", reference_forward)
+    return patch
+
+
+@pytest.mark.parametrize("positive_len", [77, 13])  # 13 + 3 negative = 16 = the second level's image tokens
+def test_patched_model_matches_reference(host, positive_len):
+    model = host.build()
+    inp = inputs(positive_len)
+    negative = negative_rows([3, 2], CONTEXT_DIM)
+    context = append_negative(inp["context"], negative)
+    run = make_run(positive_len, negative, alpha=3.0, beta=0.2)
+    with patch_unet(host.attention, host.attention_name, run):
+        guided = forward(model, inp, context)
+    assert run.calls == len(attn2_modules(model)) == 7  # 2 down, 1 middle, 4 up; attn1 never
+    with reference_patch(model, run, 3.0, 0.2):
+        expected = forward(model, inp, context)
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-4
+
+
+def test_intercepted_calls(host):
+    """attn2 calls equal vsf_cross_reference; attn1 calls are the host's own, bit for bit."""
+    model = host.build(seed=1)
+    inp = inputs(77, seed=1)
+    negative = negative_rows([4, 4], CONTEXT_DIM)
+    run = make_run(77, negative, alpha=2.0, beta=0.5)
+    with patch_unet(host.attention, host.attention_name, run):
+        recorder = Recorder(getattr(host.attention, host.attention_name))
+        with AttributePatch().add(host.attention, host.attention_name, recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    cross = [c for c in recorder.calls if c[1].shape[1] == 81]
+    self_calls = [c for c in recorder.calls if c[1].shape[1] != 81]
+    assert len(cross) == 7 and len(self_calls) == 7
+    heads = 32 // HEADS_CHANNELS  # first level: 32 channels / 16 per head
+    q, k, v, args, kwargs, out = cross[0]
+    expected = vsf_cross_reference(*(heads_first(t, heads, False) for t in (q, k, v)), text_layout(77, 4), 2.0, 0.5)
+    torch.testing.assert_close(out, heads_last(expected), rtol=1e-4, atol=1e-5)
+    original = getattr(host.attention, host.attention_name)
+    for q, k, v, args, kwargs, out in self_calls:
+        assert torch.equal(out, original(q, k, v, *args, **kwargs))
+
+
+def test_alpha_zero_beta_inf_equals_unpatched(host):
+    model = host.build(seed=2)
+    inp = inputs(77, seed=2)
+    negative = negative_rows([6, 1], CONTEXT_DIM)
+    run = make_run(77, negative, guidance=Guidance("vsf", 0.0, math.inf))
+    with patch_unet(host.attention, host.attention_name, run):
+        guided = forward(model, inp, append_negative(inp["context"], negative))
+    assert run.calls == 7
+    torch.testing.assert_close(guided, forward(model, inp, inp["context"]), rtol=1e-4, atol=1e-5)
+
+
+def test_empty_negative_and_restore_are_exact(host):
+    model = host.build(seed=3)
+    inp = inputs(77, seed=3)
+    originals = (getattr(host.attention, host.attention_name), host.attention.CrossAttention.__dict__["forward"])
+    unpatched = forward(model, inp, inp["context"])
+    run = make_run(77, negative_rows([0, 0], CONTEXT_DIM))
+    with patch_unet(host.attention, host.attention_name, run):
+        assert torch.equal(forward(model, inp, inp["context"]), unpatched)
+    assert run.calls == 0
+    negative = negative_rows([2, 5], CONTEXT_DIM)
+    run = make_run(77, negative)
+    patch = patch_unet(host.attention, host.attention_name, run).apply()
+    try:
+        forward(model, inp, append_negative(inp["context"], negative))
+    finally:
+        patch.restore()
+    assert run.calls == 7
+    assert (getattr(host.attention, host.attention_name), host.attention.CrossAttention.__dict__["forward"]) == originals
+    assert torch.equal(forward(model, inp, inp["context"]), unpatched)
+
+
+def test_refuses_changed_host_without_patching(host, monkeypatch):
+    original = getattr(host.attention, host.attention_name)
+    monkeypatch.setattr(host.attention.CrossAttention, "forward", lambda self, x: x)  # host re-signed
+    with pytest.raises(PatchError):
+        patch_unet(host.attention, host.attention_name, make_run(77, negative_rows([2], CONTEXT_DIM)))
+    assert getattr(host.attention, host.attention_name) is original
+    with pytest.raises(PatchError):
+        host.adapter(None).check()
+
+
+def test_adapter_matches(host):
+    holder = type("SD", (), {})()
+    holder.forge_objects = type("F", (), {})()
+    holder.forge_objects.unet = type("U", (), {})()
+    holder.forge_objects.unet.model = type("M", (), {})()
+    holder.forge_objects.unet.model.diffusion_model = host.build()
+    matching = [cls.__name__ for cls in (NeoUNetAdapter, ForgeUNetAdapter, ReforgeUNetAdapter) if cls.matches(holder)]
+    if host.name == "reforge":
+        assert matching == ["ReforgeUNetAdapter"]
+    else:
+        # Forge vs Neo is told apart by modules_forge/forge_version.py, importable here from the checkout.
+        assert matching == ["NeoUNetAdapter" if host.name == "neo" else "ForgeUNetAdapter"]
