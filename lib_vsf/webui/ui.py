@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettings, VSFSettingsError, matching_preset
+from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettingsError
 from . import infotext
 from .args import UI_ARGS, UI_DEFAULTS, method_key
 
@@ -62,16 +62,17 @@ def preset_values(preset: str, method_label: str, alpha: float, beta: float) -> 
 
 
 def preset_for(method_label: str, alpha: float, beta: float, current: str) -> str:
-    """The preset the sliders now match, or `Custom` (the current name when it still matches)."""
+    """The preset whose method, alpha and beta the controls now hold (the current one first), or
+    `Custom`. Tau has no control, so it is not compared."""
     try:
-        settings = VSFSettings(method_key(method_label), float(alpha), float(beta))
+        key, numbers = method_key(method_label), (float(alpha), float(beta))
     except (VSFSettingsError, TypeError, ValueError):
         return CUSTOM_PRESET
-    found = matching_preset(settings)
-    if current in PRESETS and found != CUSTOM_PRESET and PRESETS[current].method == settings.method and \
-            (PRESETS[current].alpha, PRESETS[current].beta) == (settings.alpha, settings.beta):
-        return current
-    return found
+    names = ([current] if current in PRESETS else []) + [n for n in PRESETS if n != current]
+    for name in names:
+        if PRESETS[name].method == key and (PRESETS[name].alpha, PRESETS[name].beta) == numbers:
+            return name
+    return CUSTOM_PRESET
 
 
 def build(gr: Any, input_accordion: Any, is_img2img: bool) -> UIParts:

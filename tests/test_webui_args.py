@@ -1,0 +1,76 @@
+"""Script arguments: the UI's positional list and the API's list and object forms (lib_vsf/webui/args.py)."""
+from __future__ import annotations
+
+import pytest
+
+from lib_vsf.settings import PRESETS, VSFSettingsError
+from lib_vsf.webui.args import UI_ARGS, UI_DEFAULTS, parse_script_args
+
+
+def test_ui_defaults_parse_to_vsf_quality_off_with_single_pass():
+    args = parse_script_args([UI_DEFAULTS[name] for name in UI_ARGS])
+    assert (args.enabled, args.single_pass, args.preset) == (False, True, "VSF Quality")
+    assert args.settings == PRESETS["VSF Quality"]
+
+
+def test_positional_list_takes_the_slider_values():
+    args = parse_script_args([True, "NASA", "Custom", 0.3, 0.0, 8.0, 0.25, 0.75, False])
+    s = args.settings
+    assert (args.enabled, s.method, s.alpha, s.flux_lambda, s.start, s.end, args.single_pass) == \
+        (True, "nasa", 0.3, 8.0, 0.25, 0.75, False)
+
+
+def test_short_list_keeps_ui_defaults_for_missing_trailing_values():
+    args = parse_script_args([True, "VSF"])
+    assert args.enabled and args.settings == PRESETS["VSF Quality"] and args.single_pass
+
+
+def test_nag_preset_brings_its_tau_which_has_no_slider():
+    args = parse_script_args([True, "NAG", "NAG Strong", 11.0, 0.5, 0.0, 0.0, 1.0, True])
+    assert args.settings.tau == PRESETS["NAG Strong"].tau and args.preset == "NAG Strong"
+
+
+def test_sliders_moved_away_from_the_preset_record_custom():
+    args = parse_script_args([True, "VSF", "VSF Strong", 4.5, 0.2, 0.0, 0.0, 1.0, True])
+    assert args.preset == "Custom" and args.settings.alpha == 4.5
+
+
+def test_api_object_applies_preset_then_explicit_numbers():
+    args = parse_script_args([{"preset": "VSF Strong", "beta": 0.5, "lambda": 8, "start": 0.1, "end": 0.9}])
+    s = args.settings
+    assert args.enabled  # sending the object asks for VSF
+    assert (s.method, s.alpha, s.beta, s.flux_lambda, s.start, s.end) == ("vsf", 3.8, 0.5, 8.0, 0.1, 0.9)
+    assert args.preset == "Custom"
+
+
+def test_api_object_with_trailing_ui_defaults_uses_the_object():
+    args = parse_script_args([{"enabled": True, "method": "nag", "preset": "Custom", "alpha": 4}, "VSF", "VSF Quality", 3.3])
+    assert args.settings.method == "nag" and args.settings.alpha == 4.0
+
+
+def test_api_object_can_disable_and_keep_cfg():
+    args = parse_script_args([{"enabled": False, "single_pass": False}])
+    assert not args.enabled and not args.single_pass
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"alpha": -1}], "alpha must be between"),
+    ([{"alpha": "lots"}], "alpha must be a number"),
+    ([{"method": "cfg"}], "unknown VSF method"),
+    ([{"preset": "Best"}], "unknown VSF preset"),
+    ([{"aplha": 3}], "unknown VSF key"),
+    ([{"start": 0.8, "end": 0.2}], "start"),
+    ([{"enabled": "maybe"}], "enabled must be true or false"),
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0.5, 0.5, True], "must be smaller than end"),
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, "extra"], "at most"),
+    (["yes please"], "enabled must be true or false"),
+])
+def test_bad_values_raise_a_clear_error(bad, message):
+    with pytest.raises(VSFSettingsError, match=message):
+        parse_script_args(bad)
+
+
+def test_values_round_trip_through_the_positional_form():
+    args = parse_script_args([{"preset": "NASA", "start": 0.2}])
+    again = parse_script_args(args.values())
+    assert again.settings == args.settings and again.enabled == args.enabled and again.preset == args.preset

@@ -1,0 +1,204 @@
+"""The extension's glue on the host double (tests/webui_host_double.py): script registration, the API's
+list and object forms, infotext round trip, XYZ axes, and every restore path of a generation."""
+from __future__ import annotations
+
+import pytest
+
+from lib_vsf.settings import VSFSettings, VSFSettingsError, parse_infotext
+from lib_vsf.webui import runner
+from webui_host_double import ATTENTION_MODULE, HOST_ATTENTION, DoubleModel, Processing, host_double
+
+ON = [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True]
+
+
+@pytest.fixture
+def host():
+    with host_double() as h:
+        yield h
+
+
+def assert_untouched(host, p):
+    """Nothing of the extension is left: host attention back, p.sample unwrapped, options restored."""
+    assert ATTENTION_MODULE.attention is HOST_ATTENTION
+    assert "sample" not in vars(p)
+    assert not hasattr(p, runner.GENERATION_ATTR)
+    assert host.opts.data["skip_early_cond"] == 0.0
+
+
+# -- registration ------------------------------------------------------------------------------------------
+
+def test_script_is_always_visible_titled_value_sign_flip_with_callbacks_registered_once(host):
+    assert host.script.title() == "Value Sign Flip"
+    assert host.script.show(False) is host.modules["modules.scripts"].AlwaysVisible
+    assert host.callbacks["cfg_denoiser"] == [runner.on_cfg_denoiser]
+    assert len(host.callbacks["before_ui"]) == 1
+    assert len(host.components) == 9 and host.ui_defaults()[0] is False
+
+
+# -- a guided generation and its infotext ------------------------------------------------------------------
+
+def test_enabled_generation_is_guided_and_writes_infotext(host):
+    p = host.process_images(Processing(host, steps=4), ON)
+    assert all(step["patched"] and step["guided"] for step in p.trace)
+    assert p.extra_generation_params["VSF method"] == "vsf" and p.extra_generation_params["VSF alpha"] == "3.3"
+    assert p.sd_model.encoded == [["blurry, text", "blurry, text"]]
+    assert not host.hook_errors
+    assert_untouched(host, p)
+
+
+def test_disabled_generation_is_exactly_the_host_run(host):
+    p = host.process_images(Processing(host), host.ui_defaults())
+    assert p.trace and not any(step["patched"] for step in p.trace)
+    assert p.extra_generation_params == {} and p.comments == {} and p.sd_model.encoded == []
+    assert_untouched(host, p)
+
+
+def test_infotext_pastes_back_into_the_same_ui_values(host):
+    values = [True, "NAG", "NAG Strong", 11.0, 0.5, 4.0, 0.1, 0.8, False]
+    p = host.process_images(Processing(host), values)
+    params = parse_infotext(host.infotext(p))
+    assert host.paste(params) == values
+    assert VSFSettings.from_infotext(params).tau == 5.0  # NAG Strong's tau survives the round trip
+    # an infotext without VSF switches the accordion off and leaves the rest alone
+    assert host.paste(parse_infotext("a cat\nSteps: 4, Sampler: Euler"))[0] is False
+
+
+def test_step_window_guides_only_the_steps_inside_it(host):
+    p = host.process_images(Processing(host, steps=8), [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.25, 0.5, True])
+    assert [s["step"] for s in p.trace if s["guided"]] == [2, 3]
+    assert all(s["patched"] for s in p.trace)  # patched for the pass; unguided steps run the host's math
+
+
+def test_hires_pass_is_covered_and_per_batch_negatives_are_used(host):
+    negatives = ["red", "red", "blue hat", ""]
+    p = host.process_images(Processing(host, batch_size=2, n_iter=2, enable_hr=True, negative_prompts=negatives), ON)
+    assert p.sd_model.encoded == [["red", "red"], ["blue hat", ""]]  # hires reuses the batch's encoding
+    assert {s["hires"] for s in p.trace if s["guided"]} == {False, True}
+    assert len(p.sd_model.attached) == 4 and p.sd_model.undone == 4  # every pass undone
+    assert_untouched(host, p)
+
+
+# -- the HTTP API forms ------------------------------------------------------------------------------------
+
+def test_api_positional_list_and_object_give_the_same_generation_as_the_ui(host):
+    ui = host.process_images(Processing(host), [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.0, 1.0, True])
+    as_list = host.process_images(Processing(host), host.api_args([True, "VSF", "VSF Strong", 3.8, 0.2]))
+    as_object = host.process_images(Processing(host), host.api_args([{"enabled": True, "preset": "VSF Strong"}]))
+    assert ui.extra_generation_params == as_list.extra_generation_params == as_object.extra_generation_params
+    assert ui.trace == as_list.trace == as_object.trace
+
+
+def test_bad_api_values_fail_the_request_clearly_and_change_nothing(host):
+    p = Processing(host)
+    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 100"):
+        host.process_images(p, host.api_args([{"alpha": 500}]))
+    assert p.trace == [] and p.extra_generation_params == {} and p.sd_model.encoded == []
+    assert ATTENTION_MODULE.attention is HOST_ATTENTION
+    host.run_hook("postprocess", p)  # the host's next cleanup unwraps the refusal
+    assert "sample" not in vars(p)
+
+
+# -- unsupported models and changed hosts ------------------------------------------------------------------
+
+def test_unsupported_model_gets_one_warning_and_an_untouched_generation(host):
+    p = host.process_images(Processing(host, sd_model=DoubleModel(supported=False), enable_hr=True), ON)
+    assert len(p.comments) == 1 and "not supported" in next(iter(p.comments))
+    assert not any(s["patched"] for s in p.trace) and p.extra_generation_params == {}
+    assert_untouched(host, p)
+
+
+def test_changed_host_function_is_refused_with_a_message_not_a_stack_trace(host, monkeypatch):
+    monkeypatch.setattr(ATTENTION_MODULE, "attention", lambda x: x)
+    p = Processing(host, steps=0)
+    host.process_images(p, ON)
+    (message,) = p.comments
+    assert message.startswith("VSF is off for this image:") and "Traceback" not in message
+    assert not host.hook_errors and p.sd_model.attached == []
+
+
+def test_backend_note_and_empty_negative_are_shown_once(host, monkeypatch):
+    from webui_host_double import DoubleAdapter
+    monkeypatch.setattr(DoubleAdapter, "backend_note", lambda self: "xformers cannot carry the mask")
+    p = host.process_images(Processing(host, negative_prompt="", enable_hr=True), ON)
+    assert sorted(p.comments) == ["VSF: the negative prompt is empty, so there is nothing to steer away from.",
+                                  "xformers cannot carry the mask"]
+    assert not any(s["guided"] for s in p.trace)
+
+
+# -- every restore path -------------------------------------------------------------------------------------
+
+def test_exception_during_sampling_restores_everything(host):
+    p = Processing(host, steps=4, fail_at_step=2)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        host.process_images(p, ON)
+    assert [s["patched"] for s in p.trace] == [True, True]
+    assert ATTENTION_MODULE.attention is HOST_ATTENTION and p.sd_model.undone == 1
+    # postprocess never ran (as on the hosts); the next generation with the same p starts clean
+    host.process_images(p := Processing(host), ON)
+    assert_untouched(host, p)
+
+
+def test_interrupt_or_skip_restores_everything(host):
+    # Both hosts raise the same InterruptedException for interrupt and skip; the sampler returns early.
+    p = host.process_images(Processing(host, steps=6, interrupt_at_step=3, enable_hr=True), ON)
+    assert len([s for s in p.trace if not s["hires"]]) == 3
+    assert p.sd_model.undone == len(p.sd_model.attached) == 2
+    assert_untouched(host, p)
+
+
+def test_a1111_single_pass_option_is_restored_on_every_path():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib_vsf.state import GuidanceRun, NegativeText
+    from lib_vsf.webui.hosts.a1111_sd3 import A1111SD3Adapter
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    with host_double() as host:
+        host.opts.data["skip_early_cond"] = 0.25
+        p = SimpleNamespace(extra_generation_params={"Sampler": "Euler"})
+        calls = []
+        host_apply_model = lambda x, t, cond: calls.append(cond["crossattn"].shape) or x  # noqa: E731
+        sd_model = SimpleNamespace(apply_model=host_apply_model)
+        ctx = SamplingContext(GuidanceRun(VSFSettings()), NegativeText.from_sequences([torch.ones(3, 4)]), True)
+        A1111SD3Adapter(sd_model).attach(p, ctx)
+        assert host.opts.data["skip_early_cond"] == 1.0
+        sd_model.apply_model("x", "t", {"crossattn": torch.zeros(1, 5, 4), "vector": torch.zeros(1, 2)})
+        assert calls == [torch.Size([1, 8, 4])]  # negative appended to the conditional row
+        p.extra_generation_params["Skip Early CFG"] = 1.0  # what A1111's denoiser writes when skipping
+        for undo in reversed(ctx.undo):
+            undo()
+        assert host.opts.data["skip_early_cond"] == 0.25
+        assert p.extra_generation_params == {"Sampler": "Euler"}
+        assert sd_model.apply_model is host_apply_model
+
+
+# -- XYZ -----------------------------------------------------------------------------------------------------
+
+def test_xyz_axes_are_registered_once(host):
+    for callback in host.callbacks["before_ui"] * 2:
+        callback()
+    labels = [o.label for o in host.xyz.axis_options]
+    expected = ["[VSF] Method", "[VSF] Preset", "[VSF] Alpha", "[VSF] Beta", "[VSF] Lambda", "[VSF] Start", "[VSF] End"]
+    assert [label for label in labels if label.startswith("[VSF]")] == expected
+    assert "Off" in next(o for o in host.xyz.axis_options if o.label == "[VSF] Method").choices()
+
+
+def test_every_xyz_cell_uses_its_own_value(host):
+    host.callbacks["before_ui"][0]()
+    base = Processing(host)
+    cells = [host.xyz_cell(base, **{"[VSF] Alpha": a, "[VSF] Preset": "VSF Strong"}) for a in (1.0, 2.5)]
+    off = host.xyz_cell(base, **{"[VSF] Method": "Off"})
+    results = [host.process_images(c, host.ui_defaults()) for c in cells]  # accordion closed: the axis enables VSF
+    assert [r.extra_generation_params["VSF alpha"] for r in results] == ["1", "2.5"]
+    assert not hasattr(base, "vsf_xyz")  # cells never share or mutate the base's overrides
+    assert host.process_images(off, ON).extra_generation_params == {}
+
+
+def test_xyz_confirm_rejects_bad_values_before_the_grid_runs(host):
+    host.callbacks["before_ui"][0]()
+    option = next(o for o in host.xyz.axis_options if o.label == "[VSF] Beta")
+    option.confirm(None, [0.0, 0.5])
+    with pytest.raises(VSFSettingsError):
+        option.confirm(None, [0.1, -3.0])

@@ -1,0 +1,51 @@
+"""The accordion (lib_vsf/webui/ui.py) on the host double's gradio stand-in; the real gradio 3.41 and
+4.40 builds are checked by tests/ui_check.py in separate environments (docs/webui.md)."""
+from __future__ import annotations
+
+from lib_vsf.settings import PRESETS
+from lib_vsf.webui import ui
+from webui_host_double import host_double
+
+
+def by_label(host, name):
+    return host.components[["enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass"].index(name)]
+
+
+def test_controls_labels_defaults_and_ids():
+    with host_double() as host:
+        labels = [c.label for c in host.components]
+        assert labels[0] == "Value Sign Flip" and labels[-1] == "Single pass (replace CFG)"
+        assert by_label(host, "preset").kwargs["choices"] == [*PRESETS, "Custom"]
+        assert by_label(host, "method").kwargs["choices"] == ["VSF", "NAG", "NASA"]
+        assert by_label(host, "single_pass").value is True
+        assert len({c.elem_id for c in host.components}) == 9
+        assert all(c.elem_id.startswith("vsf_txt2img_") for c in host.components)
+    with host_double(is_img2img=True) as host:
+        assert all(c.elem_id.startswith("vsf_img2img_") for c in host.components)
+
+
+def test_preset_fills_the_sliders_and_moving_a_slider_shows_custom():
+    with host_double() as host:
+        preset, alpha = by_label(host, "preset"), by_label(host, "alpha")
+        preset.value = "NAG Strong"
+        preset.fire()
+        assert (by_label(host, "method").value, alpha.value, by_label(host, "beta").value) == ("NAG", 11.0, 0.5)
+        assert preset.value == "NAG Strong"  # filling the sliders does not flip the preset to Custom
+        alpha.value = 7.0
+        alpha.fire()
+        assert preset.value == "Custom"
+        alpha.value = 11.0
+        alpha.fire()
+        assert preset.value == "NAG Strong"  # back on the preset's numbers
+
+
+def test_headless_ui_builds_without_a_blocks_context():
+    with host_double(headless=True) as host:  # --nowebui: listeners refused, components still returned
+        assert len(host.components) == 9 and host.ui_defaults()[1] == "VSF"
+        assert all(c.listeners == [] for c in host.components)
+
+
+def test_preset_for_keeps_a_matching_name_and_reports_custom_otherwise():
+    assert ui.preset_for("VSF", 3.8, 0.2, "Custom") == "VSF Strong"
+    assert ui.preset_for("VSF", 3.9, 0.2, "VSF Strong") == "Custom"
+    assert ui.preset_values("Custom", "NASA", 0.3, 0.0) == ("NASA", 0.3, 0.0)

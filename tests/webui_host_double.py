@@ -1,0 +1,402 @@
+"""A small stand-in for an A1111/Forge host, for the extension's glue tests (no WebUI needed).
+
+Not host code: a few classes that behave, at the points the extension touches, as the hosts are
+documented to behave (../shared/docs/HOSTS.md):
+
+- fake `gradio` (components record their value and listeners) and `modules.ui_components.InputAccordion`;
+- `modules.scripts` (`Script`, `AlwaysVisible`, `scripts_data` holding an `xyz_grid.py` entry),
+  `modules.script_callbacks` (`on_cfg_denoiser`, `on_before_ui`), `modules.shared.opts`;
+- `HostDouble.load_script()` imports `scripts/vsf.py` the way hosts load extension scripts;
+- `process_images(p)` runs the hooks in the hosts' order, swallowing hook exceptions as hosts do, and
+  `p.sample` runs a few denoiser steps that fire `on_cfg_denoiser` and call the "model"
+  (`ATTENTION_MODULE.attention`), with an optional hires pass, an interrupt, or an exception;
+- `api_args(...)`: `alwayson_scripts` copied verbatim into the script's slots, over the UI defaults;
+- `DoubleAdapter`: a `HostAdapter` for `DoubleModel` that patches `ATTENTION_MODULE.attention`.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+import sys
+import types
+from typing import Any
+
+import torch
+
+from lib_vsf.patching import AttributePatch, check_callable
+from lib_vsf.state import NegativeText
+from lib_vsf.webui import hosts
+from lib_vsf.webui.hosts.base import HostAdapter, SamplingContext
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# -- fake gradio ---------------------------------------------------------------------------------------------
+
+class Component:
+    """A gradio component: keeps its constructor kwargs, value and `.change` listeners."""
+
+    def __init__(self, *args, **kwargs):
+        self.kwargs = kwargs
+        self.value = kwargs.get("value", args[0] if args else None)
+        self.label = kwargs.get("label")
+        self.elem_id = kwargs.get("elem_id")
+        self.listeners: list[dict] = []
+        if _Context.stack:
+            _Context.stack[-1].children.append(self)
+
+    def change(self, fn=None, inputs=None, outputs=None, **kwargs):
+        if _Context.require_blocks and not _Context.stack:
+            raise AttributeError("Cannot call change outside of a gradio.Blocks context.")
+        self.listeners.append({"fn": fn, "inputs": inputs or [], "outputs": outputs or []})
+
+    def fire(self):
+        """Run this component's listeners as gradio would, applying `gr.update` results."""
+        for listener in self.listeners:
+            result = listener["fn"](*[c.value for c in listener["inputs"]])
+            results = result if isinstance(result, tuple) else (result,)
+            changed = []
+            for target, update in zip(listener["outputs"], results):  # gradio sets all outputs first ...
+                if isinstance(update, dict) and "value" in update and target.value != update["value"]:
+                    target.value = update["value"]
+                    changed.append(target)
+            for target in changed:  # ... then their change events run, seeing every new value
+                target.fire()
+
+
+class _Context(Component):
+    stack: list = []
+    require_blocks = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.children: list = []
+
+    def __enter__(self):
+        _Context.stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _Context.stack.pop()
+        return False
+
+
+def make_gradio() -> types.ModuleType:
+    gr = types.ModuleType("gradio")
+    gr.__version__ = "double"
+    for name in ("Dropdown", "Slider", "Checkbox", "Radio", "Number", "Textbox", "HTML", "Markdown"):
+        setattr(gr, name, type(name, (Component,), {}))
+    for name in ("Row", "Column", "Group", "Accordion", "Blocks"):
+        setattr(gr, name, type(name, (_Context,), {}))
+    gr.update = lambda **kwargs: {"__type__": "update", **kwargs}
+    return gr
+
+
+class InputAccordion(_Context):
+    """`modules.ui_components.InputAccordion`: a context manager whose value is the enable checkbox."""
+
+
+# -- fake modules.* ------------------------------------------------------------------------------------------
+
+class Script:
+    """`modules.scripts.Script` as far as the extension uses it."""
+
+    infotext_fields = None
+    paste_field_names = None
+
+    def title(self):
+        raise NotImplementedError
+
+
+class Options:
+    def __init__(self, **data):
+        object.__setattr__(self, "data", dict(data))
+
+    def __getattr__(self, item):
+        try:
+            return self.data[item]
+        except KeyError:
+            raise AttributeError(item) from None
+
+
+class CFGDenoiserParams:
+    def __init__(self, x, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser):
+        self.x, self.sigma = x, sigma
+        self.sampling_step, self.total_sampling_steps = sampling_step, total_sampling_steps
+        self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
+
+
+class InterruptedException(BaseException):
+    """The hosts' sampler interrupt (caught inside sampling, which then returns early)."""
+
+
+class AxisOption:
+    """`xyz_grid.AxisOption(label, type, apply, format_value=..., confirm=None, cost=0, choices=None)`."""
+
+    def __init__(self, label, type, apply, format_value=None, confirm=None, cost=0.0, choices=None, prepare=None):
+        self.label, self.type, self.apply = label, type, apply
+        self.confirm, self.choices = confirm, choices
+
+
+def make_modules() -> dict[str, types.ModuleType]:
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+    scripts = types.ModuleType("modules.scripts")
+    scripts.Script = Script
+    scripts.AlwaysVisible = object()
+    xyz_grid = types.ModuleType("xyz_grid.py")
+    xyz_grid.AxisOption = AxisOption
+    xyz_grid.axis_options = [AxisOption("Nothing", str, lambda p, x, xs: None), AxisOption("Steps", int, None)]
+    xyz_class = type("Script", (Script,), {"__module__": "xyz_grid.py"})
+    scripts.scripts_data = [types.SimpleNamespace(script_class=xyz_class, module=xyz_grid, path="xyz_grid.py")]
+    callbacks = types.ModuleType("modules.script_callbacks")
+    callbacks.registered = {"cfg_denoiser": [], "before_ui": []}
+    callbacks.on_cfg_denoiser = lambda fn, **kw: callbacks.registered["cfg_denoiser"].append(fn)
+    callbacks.on_before_ui = lambda fn, **kw: callbacks.registered["before_ui"].append(fn)
+    callbacks.CFGDenoiserParams = CFGDenoiserParams
+    shared = types.ModuleType("modules.shared")
+    shared.opts = Options(skip_early_cond=0.0, sd3_enable_t5=False)
+    ui_components = types.ModuleType("modules.ui_components")
+    ui_components.InputAccordion = InputAccordion
+    for name, mod in (("scripts", scripts), ("script_callbacks", callbacks), ("shared", shared),
+                      ("ui_components", ui_components)):
+        setattr(modules, name, mod)
+    return {"modules": modules, "modules.scripts": scripts, "modules.script_callbacks": callbacks,
+            "modules.shared": shared, "modules.ui_components": ui_components, "gradio": make_gradio()}
+
+
+# -- the model and its adapter -------------------------------------------------------------------------------
+
+def _host_attention(q, k, v):
+    return q + k + v
+
+
+ATTENTION_MODULE = types.ModuleType("double_host_attention")
+ATTENTION_MODULE.attention = _host_attention
+HOST_ATTENTION = _host_attention
+
+
+class DoubleModel:
+    """A supported model: `DoubleAdapter` matches it. `supported=False` makes an unknown model."""
+
+    def __init__(self, supported=True):
+        self.is_double = supported
+        self.encoded: list[list[str]] = []
+        self.attached: list[SamplingContext] = []
+        self.undone = 0
+
+
+class DoubleAdapter(HostAdapter):
+    """Adapter for `DoubleModel`: negatives of one token per word, a checked module-level patch."""
+
+    name = "double"
+    host = "double"
+    family = "sd3"
+    label = "host double"
+    priority = 0
+
+    @classmethod
+    def matches(cls, sd_model):
+        return bool(getattr(sd_model, "is_double", False))
+
+    def check(self):
+        check_callable(ATTENTION_MODULE, "attention", ("q", "k", "v"))
+
+    def encode_negative(self, p, negative_prompts, settings):
+        self.sd_model.encoded.append(list(negative_prompts))
+        return NegativeText.from_sequences([torch.ones(len(x.split()), 4) for x in negative_prompts])
+
+    def attach(self, p, ctx):
+        self.sd_model.attached.append(ctx)
+
+        def undo():
+            self.sd_model.undone += 1
+        ctx.add_undo(undo)
+
+    def patch(self, run):
+        def guided_attention(q, k, v):
+            run.calls += 1
+            return q - k - v
+        return AttributePatch().add(ATTENTION_MODULE, "attention", guided_attention)
+
+
+# -- processing ----------------------------------------------------------------------------------------------
+
+class Processing:
+    """`StableDiffusionProcessing` as far as the extension and the host double's sampler need."""
+
+    def __init__(self, host: "HostDouble", sd_model=None, batch_size=2, n_iter=1, steps=4, enable_hr=False,
+                 negative_prompt="blurry, text", negative_prompts=None, fail_at_step=None, interrupt_at_step=None):
+        self.host = host
+        self.sd_model = sd_model if sd_model is not None else DoubleModel()
+        self.batch_size, self.n_iter, self.steps, self.enable_hr = batch_size, n_iter, steps, enable_hr
+        self.all_negative_prompts = negative_prompts or [negative_prompt] * (batch_size * n_iter)
+        self.negative_prompts = None
+        self.hr_negative_prompts = None
+        self.is_hr_pass = False
+        self.extra_generation_params: dict[str, Any] = {}
+        self.comments: dict[str, int] = {}
+        self.script_args: list = []
+        self.fail_at_step, self.interrupt_at_step = fail_at_step, interrupt_at_step
+        self.trace: list[dict] = []  # one entry per denoiser step: what the model saw
+
+    def comment(self, text):
+        self.comments[text] = 1
+
+    def sample(self, **kwargs):
+        """txt2img sampling: first pass and, with hires fix, a second pass; both call the hook."""
+        out = self._pass(hires=False)
+        if self.enable_hr:
+            self.is_hr_pass = True
+            self.hr_negative_prompts = self.negative_prompts
+            out = self._pass(hires=True)
+        return out
+
+    def _pass(self, hires: bool):
+        self.host.run_hook("process_before_every_sampling", self)
+        denoiser = types.SimpleNamespace(p=self)
+        try:
+            for step in range(self.steps):
+                if step == self.interrupt_at_step:
+                    raise InterruptedException()
+                if step == self.fail_at_step:
+                    raise RuntimeError("CUDA out of memory (double)")
+                params = CFGDenoiserParams(None, None, step, self.steps, "cond", "uncond", denoiser)
+                for callback in self.host.callbacks["cfg_denoiser"]:
+                    callback(params)
+                ctx = self.sd_model.attached[-1] if getattr(self.sd_model, "attached", None) else None
+                out = ATTENTION_MODULE.attention(torch.ones(1), torch.ones(1), torch.ones(1))
+                self.trace.append({"hires": hires, "step": step, "patched": ATTENTION_MODULE.attention is not HOST_ATTENTION,
+                                   "guided": bool(ctx is not None and ctx.guided_now() and float(out) < 0)})
+        except InterruptedException:
+            pass  # hosts' samplers return the last latent on interrupt / skip
+        return "latents"
+
+
+class HostDouble:
+    """Installs the fake modules, loads the script, and runs generations through its hooks."""
+
+    def __init__(self):
+        self._saved: dict[str, Any] = {}
+        self.modules = make_modules()
+        self.script = None
+        self.script_module = None
+        self.hook_errors: list[str] = []
+
+    def __enter__(self):
+        for name, module in self.modules.items():
+            self._saved[name] = sys.modules.get(name)
+            sys.modules[name] = module
+        hosts.register(DoubleAdapter)
+        hosts.ADAPTERS.sort(key=lambda cls: (getattr(cls, "priority", 100), cls.name))
+        return self
+
+    def __exit__(self, *exc):
+        for name, module in self._saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        if DoubleAdapter in hosts.ADAPTERS:
+            hosts.ADAPTERS.remove(DoubleAdapter)
+        ATTENTION_MODULE.attention = HOST_ATTENTION
+        return False
+
+    @property
+    def callbacks(self):
+        return self.modules["modules.script_callbacks"].registered
+
+    @property
+    def opts(self):
+        return self.modules["modules.shared"].opts
+
+    @property
+    def xyz(self):
+        return self.modules["modules.scripts"].scripts_data[0].module
+
+    def load_script(self, is_img2img=False, headless=False):
+        """Import scripts/vsf.py as a host does and build its UI (in a Blocks unless `headless`)."""
+        spec = importlib.util.spec_from_file_location("vsf_script_under_test", os.path.join(ROOT, "scripts", "vsf.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        self.script_module = module
+        self.script = module.ValueSignFlipScript()
+        gr = self.modules["gradio"]
+        _Context.require_blocks = headless
+        if headless:
+            self.components = self.script.ui(is_img2img)
+        else:
+            with gr.Blocks():
+                self.components = self.script.ui(is_img2img)
+        _Context.require_blocks = False
+        return self.script
+
+    def ui_defaults(self) -> list:
+        return [c.value for c in self.components]
+
+    def run_hook(self, name, p, *extra):
+        """Call one script hook like the hosts' ScriptRunner: exceptions are reported, not raised."""
+        hook = getattr(self.script, name, None)
+        if hook is None:
+            return
+        try:
+            hook(p, *extra, *p.script_args) if name != "postprocess" else hook(p, "processed", *p.script_args)
+        except Exception as exc:  # noqa: BLE001 - the hosts' errors.report
+            self.hook_errors.append(f"{name}: {type(exc).__name__}: {exc}")
+
+    def process_images(self, p: Processing, script_args: list) -> Processing:
+        """The hosts' process_images for one script: process, batches (sample), postprocess."""
+        p.script_args = list(script_args)
+        self.run_hook("process", p)
+        for n in range(p.n_iter):
+            p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
+            p.is_hr_pass = False
+            p.sample(conditioning=None, unconditional_conditioning=None)
+        self.run_hook("postprocess", p)
+        return p
+
+    def api_args(self, args) -> list:
+        """`alwayson_scripts[title]["args"]` over the UI defaults, copied verbatim (as the hosts' API)."""
+        values = self.ui_defaults()
+        for i, value in enumerate(args[:len(values)]):
+            values[i] = value
+        return values
+
+    def infotext(self, p: Processing) -> str:
+        """A parameters line as the hosts write it (values with commas or colons quoted)."""
+        parts = ["Steps: 4", "Sampler: Euler"]
+        for key, value in p.extra_generation_params.items():
+            text = str(value)
+            if any(c in text for c in ',:"'):
+                text = '"' + text.replace('"', '\\"') + '"'
+            parts.append(f"{key}: {text}")
+        return "a cat\nNegative prompt: blurry\n" + ", ".join(parts)
+
+    def paste(self, params: dict) -> list:
+        """Values the UI shows after pasting `params` (the hosts' connect_paste: None = no update)."""
+        current = {id(c): c.value for c in self.components}
+        for component, key in self.script.infotext_fields:
+            value = key(params) if callable(key) else params.get(key)
+            if value is not None:
+                current[id(component)] = value
+        return [current[id(c)] for c in self.components]
+
+    def xyz_cell(self, p: Processing, **axes) -> Processing:
+        """A copy of `p` with VSF axis values applied, as the XYZ script does per cell."""
+        cell = copy.copy(p)
+        cell.extra_generation_params = dict(p.extra_generation_params)
+        cell.comments, cell.trace = {}, []
+        for label, value in axes.items():
+            option = next(o for o in self.xyz.axis_options if o.label == label)
+            option.apply(cell, value, [value])
+        return cell
+
+
+@contextlib.contextmanager
+def host_double(**kwargs):
+    """A HostDouble with the script loaded."""
+    with HostDouble() as host:
+        host.load_script(**kwargs)
+        yield host
