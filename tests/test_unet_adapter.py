@@ -1,0 +1,230 @@
+"""Host-free tests of the Forge Neo / reForge / UNet adapter layer: CLIP chunk arithmetic of the text
+stream, call scopes, attention-function checks, and the A1111 attn2 wrapper on a stand-in module shaped
+like `ldm.modules.attention.CrossAttention`. Runs in CI without any WebUI checkout."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lib_vsf.attention_reference import vsf_cross_reference
+from lib_vsf.layout import text_layout
+from lib_vsf.patching import PatchError
+from lib_vsf.settings import VSFSettings
+from lib_vsf.state import GuidanceRun, NegativeText
+from lib_vsf.webui.hosts import _guided, load_adapters, LOAD_ERRORS
+from lib_vsf.webui.hosts.base import append_negative
+from lib_vsf.webui.hosts.unet_attn2 import (A1111UNetAdapter, CHUNK_LEN, clip_keep_lengths, patch_a1111,
+                                            positive_chunks, trim_clip_chunks)
+
+
+# -- text stream: positive 77*k padded, negative unpadded ------------------------------------------------
+
+@pytest.mark.parametrize("tokens, keep", [
+    (0, []), (1, [3]), (74, [76]), (75, [77]), (76, [77, 3]), (150, [77, 77]), (151, [77, 77, 3]),
+])
+def test_clip_keep_lengths(tokens, keep):
+    """Full chunks stay whole (BOS + 75 + EOS); the last keeps BOS + its tokens + EOS (VSF-SPEC: no padding)."""
+    assert clip_keep_lengths(tokens) == keep
+
+
+def test_clip_keep_lengths_rejects_negative_counts():
+    with pytest.raises(ValueError):
+        clip_keep_lengths(-1)
+
+
+def test_trim_clip_chunks_keeps_each_chunk_prefix():
+    embeds = torch.arange(3 * CHUNK_LEN, dtype=torch.float32)[:, None].repeat(1, 4)  # row i holds i
+    out = trim_clip_chunks(embeds, [77, 5])
+    expected_rows = list(range(77)) + list(range(77, 82))
+    assert out.shape == (82, 4) and out[:, 0].tolist() == expected_rows
+    assert trim_clip_chunks(embeds, []).shape == (0, 4)
+    with pytest.raises(ValueError):
+        trim_clip_chunks(embeds[:100], [3])  # not whole chunks
+    with pytest.raises(ValueError):
+        trim_clip_chunks(embeds, [77, 77, 77, 1])  # more chunks than encoded
+    with pytest.raises(ValueError):
+        trim_clip_chunks(embeds, [78])
+
+
+def test_positive_chunks():
+    assert positive_chunks(77) == 1 and positive_chunks(231) == 3
+    for bad in (0, 76, 100):
+        with pytest.raises(ValueError):
+            positive_chunks(bad)
+
+
+def test_trimmed_batch_becomes_padded_negative_with_mask():
+    """Two negatives of different chunk counts -> one `[B, n, E]` block whose mask marks real tokens."""
+    enc = torch.randn(2, 2 * CHUNK_LEN, 8)
+    rows = [trim_clip_chunks(enc[0], clip_keep_lengths(80)), trim_clip_chunks(enc[1], clip_keep_lengths(3))]
+    negative = NegativeText.from_sequences(rows)
+    assert negative.length == 77 + 7 and negative.mask.sum(dim=1).tolist() == [84, 5]
+    positive = torch.randn(2, 2 * CHUNK_LEN, 8)
+    context = append_negative(positive, negative)
+    assert context.shape == (2, 154 + 84, 8)
+    assert torch.equal(context[0, 154:], rows[0]) and torch.equal(context[1, 154:159], rows[1])
+
+
+# -- call scopes --------------------------------------------------------------------------------------
+
+def test_call_scope_marks_only_calls_inside_the_wrapped_method():
+    scope = _guided.CallScope("test_scope")
+    seen = []
+
+    def attention():
+        seen.append(scope.take() is not None)
+
+    def method(with_skip):
+        attention()
+        attention()
+
+    wrapped = scope.wrap(method, lambda with_skip: _guided.ScopeState(skip_calls=int(with_skip), once=True))
+    attention()                 # outside: not guided
+    wrapped(False)              # first call guided, second not (once)
+    wrapped(True)               # first skipped (e.g. Wan I2V image tokens), second guided
+    assert seen == [False, True, False, False, True]
+    assert scope.current() is None
+
+
+def test_call_scope_closes_on_exceptions():
+    scope = _guided.CallScope("test_scope_exc")
+
+    def boom():
+        raise RuntimeError("host failed")
+
+    with pytest.raises(RuntimeError):
+        scope.wrap(boom, lambda: _guided.ScopeState())()
+    assert scope.current() is None
+
+
+def test_check_attention_function_by_position_and_keywords():
+    class Host:
+        @staticmethod
+        def sub_quad(query, key, value, heads, mask=None):
+            return query
+
+        @staticmethod
+        def too_short(q, k, mask=None):
+            return q
+
+        @staticmethod
+        def no_mask(q, k, v, heads):
+            return q
+
+    assert _guided.check_attention_function(Host, "sub_quad") is Host.sub_quad
+    for name in ("too_short", "no_mask", "missing"):
+        with pytest.raises(PatchError):
+            _guided.check_attention_function(Host, name)
+
+
+# -- A1111 attn2 wrapper on a stand-in CrossAttention ----------------------------------------------------
+
+class CrossAttention(torch.nn.Module):
+    """Shaped like ldm's CrossAttention after A1111's SDPA optimisation replaced `forward`."""
+
+    def __init__(self, query_dim=16, context_dim=12, heads=2, dim_head=8):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = torch.nn.Linear(query_dim, inner, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, inner, bias=False)
+        self.to_v = torch.nn.Linear(context_dim, inner, bias=False)
+        self.to_out = torch.nn.Sequential(torch.nn.Linear(inner, query_dim), torch.nn.Dropout(0.0))
+
+    def forward(self, x, context=None, mask=None, **kwargs):
+        context = x if context is None else context
+        q, k, v = (t.reshape(t.shape[0], -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+                   for t in (self.to_q(x), self.to_k(context), self.to_v(context)))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(x.shape[0], -1, q.shape[1] * q.shape[3]))
+
+
+def _run(positive_len, negative, alpha=3.0, beta=0.2):
+    run = GuidanceRun(VSFSettings(alpha=alpha, beta=beta))
+    run.set_step(0, 4)
+    run.set_text(positive_len, negative)
+    return run
+
+
+def test_a1111_wrapper_matches_cross_reference_and_restores():
+    torch.manual_seed(0)
+    attn, attn1 = CrossAttention(), CrossAttention(context_dim=16)
+    original = CrossAttention.__dict__["forward"]
+    x = torch.randn(2, 10, 16)
+    positive = torch.randn(2, 77, 12)
+    negative = NegativeText.from_sequences([torch.randn(4, 12), torch.randn(2, 12)])
+    context = append_negative(positive, negative)
+    run = _run(77, negative)
+    with torch.no_grad():
+        unpatched = attn(x, context=positive)
+        with patch_a1111([CrossAttention], run):
+            guided = attn(x, context=context)
+            self_attention = attn1(x)  # attn1: no context, the host's own forward
+        assert run.calls == 1
+        q, k, v = (t.reshape(2, -1, 2, 8).transpose(1, 2) for t in (attn.to_q(x), attn.to_k(context), attn.to_v(context)))
+        layout = text_layout(77, 4, total=81, negative_mask=run.negative_mask)
+        expected = attn.to_out(vsf_cross_reference(q, k, v, layout, 3.0, 0.2).transpose(1, 2).reshape(2, 10, 16))
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    assert torch.equal(self_attention, attn1(x))
+    assert CrossAttention.__dict__["forward"] is original
+    assert torch.equal(attn(x, context=positive), unpatched)
+
+
+def test_a1111_wrapper_passes_through_what_it_does_not_guide():
+    torch.manual_seed(1)
+    attn = CrossAttention()
+    x, positive = torch.randn(1, 6, 16), torch.randn(1, 77, 12)
+    negative = NegativeText.from_sequences([torch.randn(3, 12)])
+    context = append_negative(positive, negative)
+    with torch.no_grad():
+        plain = CrossAttention.forward(attn, x, context=context)
+        run = _run(77, negative)
+        with patch_a1111([CrossAttention], run):
+            assert torch.equal(attn(x, context=context, mask=torch.ones(1, 80, dtype=torch.bool)), plain)
+            assert torch.equal(attn(x, context=context, additional_tokens=torch.zeros(1, 1, 16)), plain)
+            assert torch.equal(attn(x, context=positive), CrossAttention.forward.__vsf_original__(attn, x, context=positive))
+        assert run.calls == 0
+        empty = _run(77, NegativeText.from_sequences([torch.zeros(0, 12)]))
+        with patch_a1111([CrossAttention], empty):
+            assert torch.equal(attn(x, context=positive), CrossAttention.forward(attn, x, context=positive))
+        assert empty.calls == 0
+
+
+def test_a1111_wrapper_alpha_zero_beta_inf_equals_positive_only():
+    torch.manual_seed(2)
+    attn = CrossAttention()
+    x, positive = torch.randn(2, 6, 16), torch.randn(2, 77, 12)
+    negative = NegativeText.from_sequences([torch.randn(5, 12), torch.randn(5, 12)])
+    run = _run(77, negative)
+    from lib_vsf.attention import Guidance
+    run.guidance = lambda: Guidance("vsf", 0.0, math.inf)
+    with torch.no_grad():
+        with patch_a1111([CrossAttention], run):
+            guided = attn(x, context=append_negative(positive, negative))
+        torch.testing.assert_close(guided, attn(x, context=positive), rtol=1e-5, atol=1e-6)
+
+
+def test_a1111_patch_refuses_changed_signature():
+    class Changed(torch.nn.Module):
+        def forward(self, x, encoder_hidden_states=None):
+            return x
+
+    with pytest.raises(PatchError):
+        patch_a1111([CrossAttention, Changed], _run(77, None))
+    assert "forward" in CrossAttention.__dict__ and not hasattr(CrossAttention.forward, "__vsf_original__")
+
+
+# -- registry: the adapters import and stay quiet without a host -------------------------------------------
+
+def test_adapters_register_without_a_host():
+    names = {cls.name for cls in load_adapters()}
+    assert {"neo-flux", "neo-wan", "reforge-sd3", "neo-unet", "forge-unet", "reforge-unet", "a1111-unet"} <= names
+    assert not {k for k in LOAD_ERRORS if k in ("neo_flux", "neo_wan", "reforge_mmdit", "unet_attn2")}
+    for cls in load_adapters():
+        if cls.host in ("neo", "reforge") or cls.name in ("forge-unet", "a1111-unet"):
+            assert cls.matches(object()) is False
+            assert cls.matches(type("SD", (), {"model": torch.nn.Linear(1, 1)})()) is False
+    assert A1111UNetAdapter.matches(type("SD", (), {"forge_objects": object()})()) is False
