@@ -228,3 +228,117 @@ def test_adapters_register_without_a_host():
             assert cls.matches(object()) is False
             assert cls.matches(type("SD", (), {"model": torch.nn.Linear(1, 1)})()) is False
     assert A1111UNetAdapter.matches(type("SD", (), {"forge_objects": object()})()) is False
+
+
+# -- negative encoding: the host's padded encoding cut to real tokens ------------------------------------
+
+class Chunk:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+
+BOS, EOS = 49406, 49407
+
+
+def clip_chunk(ids, pad=EOS):
+    """A 77-position CLIP chunk: BOS + ids + EOS, padded."""
+    return Chunk([BOS, *ids, EOS] + [pad] * (75 - len(ids)))
+
+
+def test_clip_negative_cuts_each_chunk_after_its_eos():
+    from lib_vsf.webui.hosts.unet_attn2 import clip_negative
+
+    crossattn = torch.randn(1, 3 * CHUNK_LEN, 6)
+    chunks = [Chunk([BOS, *range(1, 76), EOS]), clip_chunk([5, 6, 7], pad=0)]  # SD2-style zero padding
+    out = clip_negative(crossattn, chunks, EOS)
+    assert out.shape == (77 + 5, 6)
+    assert torch.equal(out[:77], crossattn[0, :77]) and torch.equal(out[77:], crossattn[0, 77:82])
+    assert clip_negative(crossattn, [clip_chunk([])], EOS).shape == (0, 6)  # BOS + EOS only: no tokens
+
+
+class FakeEngine:
+    """Stand-in for a WebUI CLIP engine: one word = one token id."""
+
+    id_end = EOS
+
+    def tokenize_line(self, line):
+        ids = [len(w) for w in line.split()]
+        chunks = [clip_chunk(ids[i:i + 75]) for i in range(0, max(len(ids), 1), 75)]
+        return chunks, len(ids)
+
+
+class FakeModel:
+    def __init__(self):
+        self.cond_stage_model = FakeEngine()
+        self.encoded = []
+
+    def get_learned_conditioning(self, prompts):
+        self.encoded.extend(prompts)
+        chunks = max(1, math.ceil(len(prompts[0].split()) / 75))
+        gen = torch.Generator().manual_seed(len(prompts[0]))
+        return torch.randn(1, chunks * CHUNK_LEN, 4, generator=gen)
+
+
+def test_encode_clip_negatives_unpads_and_caches():
+    from lib_vsf.webui.hosts.unet_attn2 import clip_engine, encode_clip_negatives
+
+    model = FakeModel()
+    assert clip_engine(model) is model.cond_stage_model
+    negative = encode_clip_negatives(None, model, ["blurry ugly", "", "blurry ugly", " ".join(["x"] * 80)])
+    assert negative.mask.sum(dim=1).tolist() == [4, 0, 4, 77 + 7]
+    assert model.encoded == ["blurry ugly", " ".join(["x"] * 80)]  # identical prompts encoded once, empty never
+    with pytest.raises(PatchError):
+        clip_engine(object())
+
+
+def test_umt5_length_reads_end_token():
+    from lib_vsf.webui.hosts.neo_wan import umt5_length
+
+    class UMT5:
+        end_token = 1
+
+        def tokenize_line(self, line):
+            return [Chunk([7, 8, 9, 1] + [0] * 508)], 4
+
+    assert umt5_length(UMT5(), "a b c") == 4
+
+
+def test_sd3_negative_from_comfy_tokens():
+    from lib_vsf.webui.hosts.reforge_mmdit import sd3_negative
+
+    pairs = lambda ids: [(i, 1.0) for i in ids]  # noqa: E731
+    tokens = {"l": [pairs([BOS, 11, 12, EOS] + [EOS] * 73)], "g": [pairs([BOS, 11, 12, EOS] + [0] * 73)],
+              "t5xxl": [pairs([21, 22, 23, 1] + [0] * 73)]}
+    with_t5 = torch.randn(1, 77 + 77, 8)
+    out = sd3_negative(with_t5, tokens)
+    assert out.shape == (4 + 4, 8) and torch.equal(out[4:], with_t5[0, 77:81])
+    clip_only = torch.randn(1, 77, 8)  # T5 not loaded: no T5 part in the encoding
+    assert sd3_negative(clip_only, tokens).shape == (4, 8)
+
+
+def test_a1111_attach_appends_negative_to_conditional_rows_and_undoes():
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    seen = []
+
+    class SD:
+        def apply_model(self, x_noisy, t, cond, return_ids=False):
+            seen.append(cond)
+            return x_noisy
+
+    sd = SD()
+    negative = NegativeText.from_sequences([torch.ones(3, 4)])
+    run = _run(77, None)
+    ctx = SamplingContext(run=run, negative=negative, single_pass=False)
+    ctx.host_state["text_uncond"] = torch.zeros(1, 77, 4)
+    A1111UNetAdapter(sd).attach(None, ctx)
+    cond_rows, uncond_row = torch.randn(2, 77, 4), torch.zeros(1, 77, 4)
+    sd.apply_model(torch.zeros(3, 1), torch.zeros(3), {"c_crossattn": [torch.cat([cond_rows, uncond_row])], "c_concat": [None]})
+    context = seen[-1]["c_crossattn"][0]
+    assert context.shape == (3, 80, 4) and torch.equal(context[:2, 77:], torch.ones(2, 3, 4))
+    assert run.negative_len == 0  # reset after the call
+    sd.apply_model(torch.zeros(1, 1), torch.zeros(1), {"crossattn": torch.randn(1, 77, 4), "vector": None})
+    assert seen[-1]["crossattn"].shape == (1, 80, 4)  # SDXL layout
+    for undo in reversed(ctx.undo):
+        undo()
+    assert "apply_model" not in vars(sd)

@@ -17,12 +17,14 @@ run unguided, with one warning: the mask would have to be merged with VSF's own.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
 
 from ...patching import AttributePatch, check_callable
-from ...state import GuidanceRun
+from ...settings import VSFSettings
+from ...state import GuidanceRun, NegativeText
+from . import _forge
 from ._guided import batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo, split_mask_arg, warn_once
-from .base import HostAdapter
+from .base import HostAdapter, SamplingContext
 
 FLUX_MODULE = "backend.nn.flux"
 CHROMA_MODULE = "backend.nn.chroma"
@@ -83,5 +85,24 @@ class NeoFluxAdapter(HostAdapter):
     def check(self) -> None:
         check_flux_module(self._module())
 
+    def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
+        """T5 tokens + EOS of each negative (Flux and Chroma both encode with Neo's T5 engine), with
+        the lambda extrapolation against the mean padding embedding (paper eq. 10)."""
+        model = self.sd_model
+
+        def encode(prompt: str):
+            cond = _forge.host_encode(p, model, prompt)  # runs the engine first: it sets its emphasis mode
+            t5 = _forge.t5_length(model.text_processing_engine_t5, prompt)
+            return _forge.flux_negative(cond["crossattn"], t5, settings)
+
+        return _forge.encode_each(negative_prompts, encode)
+
+    def attach(self, p: Any, ctx: SamplingContext) -> None:
+        """Neo keeps Forge's sampling hooks (`model_function_wrapper`, conditioning modifiers)."""
+        _forge.attach_forge(p, ctx)
+
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_flux(self._module(), run)
+
+    def backend_note(self) -> str | None:
+        return _forge.forge_backend_note()

@@ -17,17 +17,31 @@ class-level names survive the swap, so both experts are guided.
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
 
 from ...patching import AttributePatch, check_callable
-from ...state import GuidanceRun
+from ...settings import VSFSettings
+from ...state import GuidanceRun, NegativeText
+from . import _forge
 from ._guided import (CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg)
-from .base import HostAdapter
+from .base import HostAdapter, SamplingContext, real_length
 
 WAN_MODULE = "backend.nn.wan"
 
 CROSS_SCOPE = CallScope("vsf_neo_wan_cross_attention")
+
+
+def umt5_length(engine: Any, prompt: str) -> int:
+    """Real positions (tokens + EOS) of the first chunk Neo's UMT5 engine makes of `prompt`; the
+    engine pads with zeros after the EOS (`end_token`; a T5 engine names it `id_end`)."""
+    chunks, _ = engine.tokenize_line(prompt)
+    if not chunks:
+        return 0
+    end = getattr(engine, "end_token", None)
+    if end is None:
+        end = engine.id_end
+    return real_length(list(chunks[0].tokens), end, has_start=False)
 
 
 def check_wan_module(wan: ModuleType) -> None:
@@ -94,5 +108,23 @@ class NeoWanAdapter(HostAdapter):
     def check(self) -> None:
         check_wan_module(self._module())
 
+    def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
+        """UMT5 tokens + EOS of each negative; Wan's zeroed padding is cut (no lambda: Flux only)."""
+        model = self.sd_model
+
+        def encode(prompt: str):
+            cond = _forge.host_encode(p, model, prompt)  # runs the engine first: it sets its emphasis mode
+            return cond["crossattn"][0, : umt5_length(model.text_processing_engine_t5, prompt)]
+
+        return _forge.encode_each(negative_prompts, encode)
+
+    def attach(self, p: Any, ctx: SamplingContext) -> None:
+        """Neo keeps Forge's sampling hooks; the negative joins `c_crossattn` after the 512 positive
+        UMT5 positions (I2V image tokens travel separately as `clip_fea`)."""
+        _forge.attach_forge(p, ctx)
+
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_wan(self._module(), run)
+
+    def backend_note(self) -> str | None:
+        return _forge.forge_backend_note()

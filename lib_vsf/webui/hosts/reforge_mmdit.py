@@ -15,16 +15,41 @@ stream `[P, N]`, is guided. Image-only attention always runs unchanged (VSF-SPEC
 from __future__ import annotations
 
 from types import ModuleType
-from typing import Any
+from typing import Any, Sequence
+
+import torch
 
 from ...patching import AttributePatch, check_callable
-from ...state import GuidanceRun
+from ...settings import VSFSettings
+from ...state import GuidanceRun, NegativeText
+from . import _forge
 from ._guided import CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, split_mask_arg
-from .base import HostAdapter
+from .base import HostAdapter, SamplingContext, real_length
 
 MMDIT_MODULE = "ldm_patched.ldm.modules.diffusionmodules.mmdit"
 
 MIXING_SCOPE = CallScope("vsf_reforge_block_mixing")
+
+
+CLIP_END, T5_END = 49407, 1  # end-of-text ids of CLIP-L/G and T5 (ComfyUI tokenizers)
+
+
+def _token_ids(chunk: Sequence[Any]) -> list[int]:
+    """Token ids of one ComfyUI tokenizer chunk of `(token, weight[, word_id])` tuples; textual-inversion
+    embeddings (tensors in place of ids) count as ordinary tokens (-1)."""
+    return [t[0] if isinstance(t[0], int) else -1 for t in chunk]
+
+
+def sd3_negative(cond: torch.Tensor, tokens: dict, chunk: int = _forge.CLIP_CHUNK) -> torch.Tensor:
+    """`[n, E]` unpadded SD3 negative from ComfyUI's `[1, 77k (+ T5), 4096]` encoding of one prompt and
+    its `clip.tokenize()` dict (`"l"`, `"g"`, `"t5xxl"` chunk lists): each CLIP chunk up to its EOS,
+    then T5 tokens + EOS when the encoding carries a T5 part (T5 loaded)."""
+    clip_chunks = tokens.get("l") or tokens.get("g") or []
+    keep = [real_length(_token_ids(c), CLIP_END, has_start=True) for c in clip_chunks]
+    t5 = 0
+    if tokens.get("t5xxl") and cond.shape[1] > len(clip_chunks) * chunk:
+        t5 = real_length(_token_ids(tokens["t5xxl"][0]), T5_END, has_start=False)
+    return _forge.unpad_clip_t5(cond, keep, t5, chunk=chunk)
 
 
 def check_mmdit_module(mmdit: ModuleType) -> None:
@@ -86,6 +111,23 @@ class ReforgeMMDiTAdapter(HostAdapter):
 
     def check(self) -> None:
         check_mmdit_module(self._module())
+
+    def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
+        """Through the model's ComfyUI CLIP object (`forge_objects.clip`): reForge's SD3 model object has
+        no A1111 `get_learned_conditioning`. Not verified against a running reForge server."""
+        clip = self.sd_model.forge_objects.clip
+
+        def encode(prompt: str) -> torch.Tensor:
+            tokens = clip.tokenize(prompt)
+            cond, _ = clip.encode_from_tokens(tokens, return_pooled=True)
+            return sd3_negative(cond, tokens)
+
+        return _forge.encode_each(negative_prompts, encode)
+
+    def attach(self, p: Any, ctx: SamplingContext) -> None:
+        """reForge keeps Forge's sampling hooks on `forge_objects.unet` (model_function_wrapper and
+        conditioning modifiers, `modules_forge/forge_sampler.py`)."""
+        _forge.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_mmdit(self._module(), run)

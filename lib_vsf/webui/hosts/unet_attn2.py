@@ -37,11 +37,13 @@ from typing import Any, Sequence
 import torch
 
 from ...attention import cross_attention
-from ...patching import AttributePatch, check_callable
-from ...state import GuidanceRun
+from ...patching import AttributePatch, PatchError, check_callable
+from ...settings import VSFSettings
+from ...state import GuidanceRun, NegativeText
+from . import _forge
 from ._guided import (CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg)
-from .base import HostAdapter
+from .base import HostAdapter, SamplingContext, append_negative, real_length
 
 CHUNK_TOKENS = 75  # prompt tokens per CLIP chunk; a chunk is BOS + 75 + EOS = 77 positions
 CHUNK_LEN = CHUNK_TOKENS + 2
@@ -84,6 +86,43 @@ def positive_chunks(context_len: int, chunk_len: int = CHUNK_LEN) -> int:
     if context_len <= 0 or context_len % chunk_len:
         raise ValueError(f"positive context of {context_len} positions is not whole chunks of {chunk_len}")
     return context_len // chunk_len
+
+
+def clip_engine(sd_model: Any) -> Any:
+    """The object that tokenizes prompts into 77-position CLIP chunks (`tokenize_line(text)` ->
+    `(chunks, token_count)`, `chunk.tokens` with BOS/EOS, `id_end`) for a WebUI model: Forge/Neo
+    `text_processing_engine[_l|_g]`, A1111/reForge `cond_stage_model` (SD1/2) or the SDXL
+    conditioner's CLIP embedders. SDXL's CLIP-L and CLIP-G chunk a prompt identically."""
+    candidates = [getattr(sd_model, name, None) for name in
+                  ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g", "cond_stage_model")]
+    candidates += list(getattr(getattr(sd_model, "conditioner", None), "embedders", None) or [])
+    for engine in candidates:
+        if engine is not None and callable(getattr(engine, "tokenize_line", None)) and hasattr(engine, "id_end"):
+            return engine
+    raise PatchError("no CLIP tokenizer with tokenize_line/id_end on this model (host version not supported)")
+
+
+def clip_negative(crossattn: torch.Tensor, chunks: Sequence[Any], id_end: int) -> torch.Tensor:
+    """`[n, E]` unpadded negative from the host's padded `[1, 77k, E]` encoding of one prompt and the
+    chunks its tokenizer made of it: each chunk up to its first EOS (BOS + tokens + EOS). The host
+    applied emphasis weights while encoding; the kept rows carry them (see the module docstring)."""
+    keep = [real_length(list(chunk.tokens), id_end, has_start=True) for chunk in chunks]
+    while keep and keep[-1] == 0:  # a trailing chunk of BOS + EOS only holds no tokens
+        keep.pop()
+    return trim_clip_chunks(crossattn[0], keep[: crossattn.shape[1] // CHUNK_LEN])
+
+
+def encode_clip_negatives(p: Any, sd_model: Any, negative_prompts: Sequence[str]) -> NegativeText:
+    """Each negative encoded by the host (emphasis, embeddings, clip skip as the user set them), then
+    cut to its real tokens; identical prompts are encoded once, empty ones give no tokens."""
+    engine = clip_engine(sd_model)
+
+    def encode(prompt: str) -> torch.Tensor:
+        crossattn = _forge.host_encode(p, sd_model, prompt)["crossattn"]  # encode first: sets the emphasis mode
+        chunks, _ = engine.tokenize_line(prompt)
+        return clip_negative(crossattn, chunks, engine.id_end)
+
+    return _forge.encode_each(negative_prompts, encode)
 
 
 # -- ComfyUI-style hosts: Forge, Forge Neo, reForge --------------------------------------------------
@@ -200,8 +239,20 @@ class _ForgeFamilyUNet(HostAdapter):
     def check(self) -> None:
         check_unet_module(self._attention_module(), self.attention_name)
 
+    def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
+        return encode_clip_negatives(p, self.sd_model, negative_prompts)
+
+    def attach(self, p: Any, ctx: SamplingContext) -> None:
+        """Forge, Neo and reForge share ComfyUI's sampling hooks (`model_function_wrapper` on the
+        pass's cloned UnetPatcher, conditioning modifiers): the negative joins `c_crossattn` after
+        the positive's 77*k positions for conditional rows of guided steps."""
+        _forge.attach_forge(p, ctx)
+
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_unet(self._attention_module(), self.attention_name, run)
+
+    def backend_note(self) -> str | None:
+        return _forge.forge_backend_note() if self.host != "reforge" else None
 
 
 class NeoUNetAdapter(_ForgeFamilyUNet):
@@ -280,11 +331,59 @@ class A1111UNetAdapter(HostAdapter):
     def check(self) -> None:
         classes = self._classes()
         if not classes:
-            from ...patching import PatchError
             raise PatchError("neither ldm nor sgm CrossAttention is importable (host version not supported)")
         for cls in classes:
             check_a1111_class(cls)
+        check_callable(self.sd_model, "apply_model")  # ldm names its first parameter x_noisy, sgm x
+
+    def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
+        return encode_clip_negatives(p, self.sd_model, negative_prompts)
+
+    def attach(self, p: Any, ctx: SamplingContext) -> None:
+        """A1111 has no model-function wrapper: replace `sd_model.apply_model(x, t, cond)` on the
+        instance (undone after sampling) to append the negative to the text context of conditional
+        rows — SD1/SD2 `cond["c_crossattn"][0]`, SDXL `cond["crossattn"]`. Uncond rows and the
+        single-pass switch (`skip_early_cond`) work as for A1111 SD3 (`a1111_sd3.py`)."""
+        from . import a1111_sd3  # lazily: this module must load even if that one does not
+
+        if ctx.single_pass:
+            a1111_sd3.A1111SD3Adapter._force_single_pass(self, p, ctx)
+        original = self.sd_model.apply_model
+        run = ctx.run
+
+        def apply_model(x, t, cond, *args, **kwargs):
+            key, context = _a1111_text_context(cond)
+            negative = None
+            if context is not None and ctx.guided_now():
+                is_uncond = (torch.zeros(context.shape[0], dtype=torch.bool) if ctx.single_pass
+                             else a1111_sd3.uncond_rows(context, ctx.host_state.get("text_uncond")))
+                negative = a1111_sd3.negative_for_rows(ctx, is_uncond)
+            if negative is None:
+                run.set_text(0, None)
+                return original(x, t, cond, *args, **kwargs)
+            run.set_text(context.shape[1], negative)
+            try:
+                extended = append_negative(context, negative)
+                cond = {**cond, key: [extended] if key == "c_crossattn" else extended}
+                return original(x, t, cond, *args, **kwargs)
+            finally:
+                run.set_text(0, None)
+
+        patch = AttributePatch().add(self.sd_model, "apply_model", apply_model).apply()
+        ctx.add_undo(patch.restore)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         self.check()
         return patch_a1111(self._classes(), run)
+
+
+def _a1111_text_context(cond: Any) -> tuple[str, torch.Tensor | None]:
+    """Where A1111 keeps the text context in `apply_model`'s cond: ("crossattn", tensor) for SDXL,
+    ("c_crossattn", first tensor of the list) for SD1/SD2; (key, None) when neither is there."""
+    if isinstance(cond, dict):
+        if isinstance(cond.get("crossattn"), torch.Tensor):
+            return "crossattn", cond["crossattn"]
+        listed = cond.get("c_crossattn")
+        if isinstance(listed, (list, tuple)) and len(listed) == 1 and isinstance(listed[0], torch.Tensor):
+            return "c_crossattn", listed[0]
+    return "", None
