@@ -37,7 +37,7 @@ log = logging.getLogger("vsf")
 
 GENERATION_ATTR = "vsf_generation"
 UNSUPPORTED = ("VSF: {model} is not supported on this host yet; this image was generated without VSF "
-               "(supported: Forge SD3/SD3.5 and Flux, AUTOMATIC1111 SD3).")
+               "(supported: {supported}).")
 
 # The generation whose sampling runs now: the fallback for step callbacks that carry no `p`.
 _current: "weakref.ReferenceType[Generation] | None" = None
@@ -76,7 +76,8 @@ class Generation:
         sd_model = getattr(p, "sd_model", None)
         adapter = hosts.find_adapter(sd_model)
         if adapter is None:
-            self.warn(UNSUPPORTED.format(model=hosts.describe_model(sd_model)))
+            supported = ", ".join(dict.fromkeys(cls.label for cls in hosts.load_adapters() if cls.label))
+            self.warn(UNSUPPORTED.format(model=hosts.describe_model(sd_model), supported=supported))
             return False
         ctx = None
         try:

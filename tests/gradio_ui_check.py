@@ -1,0 +1,78 @@
+"""Build the VSF accordion with a real gradio (3.41 for A1111/reForge, 4.40 for Forge/Neo) and check it.
+
+Not collected by pytest (the CI venv has no gradio); run it in a light venv holding only gradio:
+
+    python -m venv /tmp/g4 && /tmp/g4/bin/pip install "gradio==4.40.0" "pillow<11" "huggingface_hub<0.26" torch
+    PYTHONPATH=. /tmp/g4/bin/python tests/gradio_ui_check.py
+
+`InputAccordion` here is a tiny stand-in with the hosts' shape (a hidden checkbox whose value is the
+enable flag, entered as the accordion it opens); the checks: components and order, event wiring
+inside `gr.Blocks`, the preset handler's results, a headless build outside any Blocks (`--nowebui`).
+Exits non-zero on the first failure.
+"""
+from __future__ import annotations
+
+import sys
+
+import gradio as gr
+
+from lib_vsf.webui import ui
+from lib_vsf.webui.args import UI_ARGS, parse_script_args
+
+
+class InputAccordion(gr.Checkbox):
+    """Stand-in for modules.ui_components.InputAccordion: checkbox value, accordion context."""
+
+    def __init__(self, value, label=None, elem_id=None, **kwargs):
+        super().__init__(value=value, label=label, elem_id=elem_id, visible=False, **kwargs)
+        self.accordion = gr.Accordion(label=label, open=bool(value))
+
+    def __enter__(self):
+        self.accordion.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.accordion.__exit__(*exc)
+
+
+def value_of(update):
+    return update["value"] if isinstance(update, dict) else update.value
+
+
+def check(condition, message):
+    if not condition:
+        print("FAIL:", message)
+        sys.exit(1)
+    print("ok:", message)
+
+
+def main():
+    print("gradio", gr.__version__)
+    with gr.Blocks() as demo:
+        parts = ui.build(gr, InputAccordion, is_img2img=False)
+    check(len(parts.components) == len(UI_ARGS), "nine components in UI_ARGS order")
+    kinds = [type(c).__name__ for c in parts.components]
+    check(kinds[1:3] == ["Dropdown", "Dropdown"] and kinds[3:8] == ["Slider"] * 5 and kinds[8] == "Checkbox",
+          f"component kinds {kinds}")
+    defaults = [c.value for c in parts.components]
+    args = parse_script_args(defaults)
+    check(not args.enabled and args.single_pass and args.preset == "VSF Quality", f"defaults parse: {defaults}")
+    check(len(parts.infotext_fields) == len(UI_ARGS), "infotext_fields for every control")
+    fns = [f.fn for f in demo.fns] if isinstance(demo.fns, list) else [f.fn for f in demo.fns.values()]
+    check(len(fns) == 4, f"4 listeners wired (preset + method/alpha/beta), got {len(fns)}")
+    on_preset = next(fn for fn in fns if fn.__name__ == "on_preset")
+    method, alpha, beta = on_preset("NAG Strong", "VSF", 3.3, 0.2)
+    check((value_of(method), value_of(alpha), value_of(beta)) == ("NAG", 11.0, 0.5), "preset fills the sliders")
+    on_numbers = next(fn for fn in fns if fn.__name__ == "on_numbers")
+    check(value_of(on_numbers("VSF", 4.0, 0.2, "VSF Quality")) == "Custom", "moved slider shows Custom")
+    config = demo.get_config_file()
+    ids = {c.get("props", {}).get("elem_id") for c in config["components"]}
+    check({ui.elem_id(n, False) for n in UI_ARGS} <= ids, "elem_ids in the page config (tooltips key on them)")
+
+    headless = ui.build(gr, InputAccordion, is_img2img=True)  # --nowebui: outside any Blocks
+    check(len(headless.components) == len(UI_ARGS), "headless build returns the components")
+    print("all UI checks passed on gradio", gr.__version__)
+
+
+if __name__ == "__main__":
+    main()
