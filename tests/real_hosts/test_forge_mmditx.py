@@ -216,9 +216,12 @@ def test_forge_sampling_single_pass_appends_negative_and_drops_uncond(forge, for
     original_unet.set_model_unet_function_wrapper(  # another extension's wrapper must still run
         lambda apply_model, args: seen.append(args["c"]["c_crossattn"].shape) or
         apply_model(args["input"], args["timestep"], **args["c"]))
+    original_unet.lora_patches = {("lora.safetensors", 1.0, 1.0, False, None): {"w": []}}  # a LoRA-patched model
     ForgeMMDiTAdapter(p.sd_model).attach(p, ctx)
     unet = p.sd_model.forge_objects.unet
     assert unet is not original_unet  # a clone: Forge's own patcher object is untouched
+    assert unet.lora_patches == original_unet.lora_patches  # LoRA patches carry over to the clone
+    assert "model_function_wrapper" in unet.model_options and "conditioning_modifiers" not in original_unet.model_options
     with patch_mmdit_module(forge, run):
         denoised, sigma = sample_step(forge_sampling, p, inp, 5.0, torch.zeros_like(inp["context"]))
     assert seen == [torch.Size([2, POSITIVE_LEN + 5, CONTEXT_DIM])]  # one call, cond rows only
