@@ -58,16 +58,6 @@ def _take(t: torch.Tensor, span) -> torch.Tensor:
     return t[:, :, span] if isinstance(span, slice) else t.index_select(2, span)
 
 
-def _key_mask_for(layout: TokenLayout, index: torch.Tensor, batch: int, device) -> torch.Tensor | None:
-    """[B, len(index)] key mask marking padded negative positions among `index`, or None if none."""
-    if layout.negative_mask is None:
-        return None
-    real = torch.ones(batch, layout.length, dtype=torch.bool, device=device)
-    real[:, layout.negative] = layout.negative_valid(batch, device)
-    mask = real.index_select(1, index.to(device))
-    return None if bool(mask.all()) else mask
-
-
 def joint_attention(q, k, v, layout: TokenLayout, guidance: Guidance, scale=None):
     """Guided joint attention over a sequence laid out by `layout` (any token order)."""
     if layout.negative_len == 0:
@@ -102,6 +92,10 @@ def _combine(q_img, z_plus, k_neg, v_neg, key_mask, has_negative, guidance, scal
     safe_mask = key_mask.clone()
     safe_mask[~has_negative, 0] = True
     z_minus = sdpa(q_img, k_neg, v_neg, safe_mask, scale=scale)
+    return _guided(z_plus, z_minus, has_negative, guidance)
+
+
+def _guided(z_plus, z_minus, has_negative, guidance):
     if guidance.method == "nasa":
         guided = z_plus - guidance.alpha * z_minus
     else:
@@ -110,31 +104,29 @@ def _combine(q_img, z_plus, k_neg, v_neg, key_mask, has_negative, guidance, scal
 
 
 def _baseline_joint(q, k, v, layout: TokenLayout, guidance: Guidance, scale):
-    """NAG / NASA in joint attention: image rows guided, P rows over {I, P}, N0 rows over {I, N0}."""
+    """NAG / NASA in joint attention: image rows guided, P rows over {I, P}, N0 rows over {I, N0}.
+    No key copies and no Lq x Lk masks: N0 rows and NAG's Z- come from attention_fast's helpers."""
     batch, device = q.shape[0], q.device
     out = torch.empty_like(q)
     image_positive = _take_keys(layout, (IMAGE, POSITIVE), device)
     image = _take_keys(layout, (IMAGE,), device)
-    image_negative = _positions(layout, (IMAGE, NEGATIVE), device)
     neg_valid = layout.negative_valid(batch, device)
-    all_keys = torch.ones(batch, image_negative.numel(), dtype=torch.bool, device=device)
-    image_negative_mask = _key_mask_for(layout, image_negative, batch, device)
-    if image_negative_mask is None:
-        image_negative_mask = all_keys
-    k_in, v_in = k.index_select(2, image_negative), v.index_select(2, image_negative)
+    has_negative = neg_valid.any(dim=-1)
 
     # P rows: the plain pass over {I, P}.  N0 rows: their own stream over {I, N0}.
     k_ip, v_ip = _take(k, image_positive), _take(v, image_positive)
     out[:, :, layout.positive] = sdpa(q[:, :, layout.positive], k_ip, v_ip, scale=scale)
-    out[:, :, layout.negative] = sdpa(q[:, :, layout.negative], k_in, v_in, image_negative_mask, scale=scale)
+    out[:, :, layout.negative] = attention_fast.negative_rows(q, k, v, layout, scale)
     # Image rows: Z+ over {I, P}; Z- over {N} (NASA) or {I, N} (NAG).
     q_img = _take(q, image)
     z_plus = sdpa(q_img, k_ip, v_ip, scale=scale)
+    k_neg, v_neg = k[:, :, layout.negative], v[:, :, layout.negative]
     if guidance.method == "nasa":
-        k_neg, v_neg, mask = k[:, :, layout.negative], v[:, :, layout.negative], neg_valid
+        guided = _combine(q_img, z_plus, k_neg, v_neg, neg_valid, has_negative, guidance, scale)
     else:
-        k_neg, v_neg, mask = k_in, v_in, image_negative_mask
-    guided = _combine(q_img, z_plus, k_neg, v_neg, mask, neg_valid.any(dim=-1), guidance, scale)
+        z_minus = attention_fast.image_over_image_and_negative(
+            q_img, _take(k, image), _take(v, image), k_neg, v_neg, layout, scale)
+        guided = _guided(z_plus, z_minus, has_negative, guidance)
     if isinstance(image, slice):
         out[:, :, image] = guided
     else:

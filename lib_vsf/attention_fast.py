@@ -1,9 +1,33 @@
 """VSF attention implementations used in production (see attention.py for the entry points).
 
-Cross-attention needs no Lq x Lk mask: the -beta bias depends on the key only, so it is a `[B, 1, 1, Lk]`
-additive row broadcast over queries, and the sign flip is a scaled copy of the (short) text values.
+Exact VSF at about the cost of the unguided pass, without an Lq x Lk mask (memory stays linear in the
+sequence length). The idea (VSF-SPEC.md, "Equivalence"): for an image query,
+
+    A+ = sum over {I, P} of exp(s),   A- = sum over N of exp(s - beta),   W = A+ / (A+ + A-)
+    Z  = W Z+ - alpha (1 - W) Z-
+
+and A+ / A- are exactly what an attention kernel's log-sum-exp (LSE) output holds. So one *unmasked*
+attention over the {I, P} rows and keys (the unguided pass itself, on the fastest kernel) gives Z+ and
+log A+ for every image row and the final output of every P row; a second unmasked call of the image rows
+over the few negative keys gives Z- and log A-; two elementwise kernels merge them. N0 rows (the
+negative text stream, few queries) attend {I, N0}: one call over I, merged the same way with N0.
+
+Which kernel returns the LSE depends on device, dtype and torch version (2.1 .. 2.13): `attention_lse`
+tries the candidates in order on first use for a (device, dtype, head_dim), checks each against plain
+math on a tiny problem, and caches the first that works; a pure-torch chunked implementation is always
+there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`).
+
+Padded negatives (samples with different negative lengths, `TokenLayout.negative_mask`) cannot be
+expressed to a maskless kernel; that case merges the small negative block in float32 instead
+(`_merge_block`), still exact and linear in memory, only slower.
 """
 from __future__ import annotations
+
+import math
+import os
+import warnings
+import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -11,20 +35,383 @@ import torch.nn.functional as F
 from .attention_reference import vsf_joint_reference
 from .layout import NEGATIVE, TokenLayout
 
+# ---------------------------------------------------------------------------------------------------------
+# Attention with log-sum-exp: backends
 
-def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
-    """Exact cross-attention VSF (paper eq. 9) in one SDPA call; keys/values laid out by `layout`."""
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _aten_op(name: str):
+    """The `.default` overload of an aten op, or None on torch versions without it."""
+    packet = getattr(torch.ops.aten, name, None)
+    if packet is None:
+        return None
+    try:
+        return packet.default
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _fixed_kwargs(op) -> dict:
+    """Keyword arguments for `op` built from its schema: the op signatures changed between torch
+    versions (e.g. cuDNN gained attn_bias / compute_log_sumexp in 2.5), so pass only what exists."""
+    wanted = {"attn_bias": None, "attn_mask": None, "compute_log_sumexp": True, "dropout_p": 0.0,
+              "is_causal": False, "return_debug_mask": False}
+    names = {a.name for a in op._schema.arguments}
+    return {k: v for k, v in wanted.items() if k in names}
+
+
+def _aten_lse_backend(name: str) -> Callable | None:
+    op = _aten_op(name)
+    if op is None:
+        return None
+    fixed = _fixed_kwargs(op)
+
+    def run(q, k, v, scale):
+        res = op(q, k, v, scale=scale, **fixed)
+        out, lse = res[0], res[1]
+        # Efficient pads the LSE to a multiple of 32 queries, cuDNN may return [B, H, Lq, 1].
+        lse = lse.reshape(q.shape[0], q.shape[1], -1)[..., : q.shape[2]]
+        return out, lse.to(_compute_dtype(q.dtype))
+
+    return run
+
+
+def chunked_attention_lse(q, k, v, scale):
+    """Exact attention and its log-sum-exp in plain torch, in query chunks so that the logits never
+    exceed a fixed budget (memory linear in the sequence). Math in float32 (float64 for float64)."""
+    cd = _compute_dtype(q.dtype)
+    batch, heads, lq, _ = q.shape
+    lk = k.shape[2]
+    budget = 1 << 24  # logits elements per chunk (64 MiB in float32)
+    step = max(1, min(lq, budget // max(1, batch * heads * lk)))
+    kt, vc = k.to(cd).transpose(-1, -2), v.to(cd)
+    outs, lses = [], []
+    for start in range(0, lq, step):
+        s = torch.matmul(q[:, :, start:start + step].to(cd), kt) * scale
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.matmul(torch.exp(s - lse[..., None]), vc).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 2), torch.cat(lses, 2)
+
+
+# Candidates per device type, fastest first. Each: name -> factory returning fn(q, k, v, scale) or None.
+_FACTORIES: dict[str, Callable[[], Callable | None]] = {
+    "flash": lambda: _aten_lse_backend("_scaled_dot_product_flash_attention"),
+    "cudnn": lambda: _aten_lse_backend("_scaled_dot_product_cudnn_attention"),
+    "efficient": lambda: _aten_lse_backend("_scaled_dot_product_efficient_attention"),
+    "flash_cpu": lambda: _aten_lse_backend("_scaled_dot_product_flash_attention_for_cpu"),
+    "chunked": lambda: chunked_attention_lse,
+}
+BACKENDS = tuple(_FACTORIES)
+_ORDER = {
+    # Measured on H200 / torch 2.11 at SD3.5-Large shapes: the cuDNN pass with LSE costs 1.05x the default
+    # SDPA call, flash 1.4x (Hopper); `_order_for` puts flash first on older GPUs.
+    "cuda": ("cudnn", "flash", "efficient", "chunked"),
+    # torch 2.1/2.2 served CPU flash through the generic flash op; 2.3+ has the _for_cpu op.
+    "cpu": ("flash_cpu", "flash", "chunked"),
+}
+_CHOSEN: dict[tuple, tuple[str, Callable]] = {}
+
+
+def _order_for(device: torch.device) -> tuple[str, ...]:
+    order = _ORDER.get(device.type, ("chunked",))
+    if device.type == "cuda" and "flash" in order and "cudnn" in order:
+        try:
+            hopper = torch.cuda.get_device_capability(device)[0] >= 9
+        except Exception:  # noqa: BLE001
+            hopper = False
+        if not hopper:  # cuDNN attention is tuned for Hopper; flash first elsewhere (A100, consumer cards)
+            order = ("flash", "cudnn") + tuple(n for n in order if n not in ("flash", "cudnn"))
+    return order
+
+
+def reset_backend_cache() -> None:
+    """Forget the cached backend choices (tests, or after changing VSF_ATTENTION_BACKEND)."""
+    _CHOSEN.clear()
+
+
+def _works(fn, device, dtype, head_dim) -> bool:
+    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?"""
+    g = torch.Generator().manual_seed(1234)
+    cd = _compute_dtype(dtype)
+    tol = 1e-6 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 3e-2)
+    try:
+        for lq, lk in ((67, 5), (5, 67)):  # few keys (negative block) and few queries (N0 rows)
+            q, k, v = (torch.randn(2, 3, n, head_dim, generator=g, dtype=cd) for n in (lq, lk, lk))
+            s = torch.matmul(q, k.transpose(-1, -2)) * 0.3
+            q, k, v = (t.to(device=device, dtype=dtype) for t in (q, k, v))
+            out, lse = fn(q, k, v, 0.3)
+            want_out = torch.matmul(torch.softmax(s, -1), v.to(cd).cpu())
+            if out.shape != q.shape or lse.shape != q.shape[:3]:
+                return False
+            if not torch.allclose(lse.cpu().to(cd), torch.logsumexp(s, -1), atol=tol, rtol=tol):
+                return False
+            if not torch.allclose(out.cpu().to(cd), want_out, atol=tol, rtol=tol):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not usable here"
+        return False
+
+
+def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, Callable]:
+    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached."""
+    key = (device.type, device.index, dtype, head_dim)
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    forced = os.environ.get("VSF_ATTENTION_BACKEND", "").strip()
+    order = (forced,) if forced else _order_for(device)
+    for name in order:
+        factory = _FACTORIES.get(name)
+        fn = factory() if factory else None
+        if fn is not None and (name == "chunked" or _works(fn, device, dtype, head_dim)):
+            _CHOSEN[key] = (name, fn)
+            return _CHOSEN[key]
+    if forced:
+        warnings.warn(f"VSF_ATTENTION_BACKEND={forced!r} is not usable here; using chunked")
+    _CHOSEN[key] = ("chunked", chunked_attention_lse)
+    return _CHOSEN[key]
+
+
+def attention_lse(q, k, v, scale):
+    """Unmasked attention over [B, H, L, D] tensors -> (output in q's dtype, LSE [B, H, Lq] in float32,
+    float64 for float64). Uses the cached backend; if it fails on a particular call (shape limits),
+    that backend is dropped for this key and the chunked math answers."""
+    key = (q.device.type, q.device.index, q.dtype, q.shape[-1])
+    name, fn = select_backend(q.device, q.dtype, q.shape[-1])
+    try:
+        return fn(q, k, v, scale)
+    except Exception as err:  # noqa: BLE001
+        if name == "chunked":
+            raise
+        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using chunked math")
+        _CHOSEN[key] = ("chunked", chunked_attention_lse)
+        return chunked_attention_lse(q, k, v, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token positions
+
+
+def _gaps(length: int, spans) -> list[tuple[int, int]]:
+    """[start, stop) pieces of [0, length) not covered by `spans` (non-overlapping slices), in order."""
+    pieces, at = [], 0
+    for span in sorted((s for s in spans if s.stop > s.start), key=lambda s: s.start):
+        if span.start > at:
+            pieces.append((at, span.start))
+        at = max(at, span.stop)
+    if at < length:
+        pieces.append((at, length))
+    return pieces
+
+
+_INDEX_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def _positions(pieces, device):
+    """A slice for one contiguous piece (a view, no copy), else a cached index tensor."""
+    if len(pieces) == 1:
+        return slice(*pieces[0])
+    key = (tuple(pieces), str(device))
+    if key not in _INDEX_CACHE:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        _INDEX_CACHE[key] = torch.cat([torch.arange(a, b) for a, b in pieces]).to(device)
+    return _INDEX_CACHE[key]
+
+
+def _take(t, pos):
+    return t[:, :, pos] if isinstance(pos, slice) else t.index_select(2, pos)
+
+
+def _put(out, pos, src):
+    if isinstance(pos, slice):
+        out[:, :, pos] = src
+    else:
+        out.index_copy_(2, pos, src)
+
+
+def _shift_past(pieces, removed: slice) -> list[tuple[int, int]]:
+    """Coordinates of `pieces` once the `removed` span is cut out of the sequence."""
+    n = removed.stop - removed.start
+    return [(a - n, b - n) if a >= removed.stop else (a, b) for a, b in pieces]
+
+
+_MASK_CACHE: dict[int, tuple[weakref.ref, bool]] = {}
+
+
+def _padding_mask(layout: TokenLayout, batch: int, device) -> torch.Tensor | None:
+    """[B, n] real-token mask when some negative position is padding, None when all are real.
+    The all-real answer is cached per mask tensor, so a GPU mask costs one sync per generation, not per
+    attention call."""
+    mask = layout.negative_mask
+    if mask is None:
+        return None
+    hit = _MASK_CACHE.get(id(mask))
+    if hit is None or hit[0]() is not mask:
+        if len(_MASK_CACHE) > 64:
+            _MASK_CACHE.clear()
+        hit = (weakref.ref(mask), bool(mask.all()))
+        _MASK_CACHE[id(mask)] = hit
+    return None if hit[1] else layout.negative_valid(batch, device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Merges
+
+
+def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale):
+    """Exactly add a small key block to an attention result: given `out`/`lse` of rows `q` over some
+    keys, return the attention of the same rows over those keys plus `k_blk` (logits shifted by -bias,
+    values times value_scale, keys where `valid` [B, n] is False left out). Math in float32."""
+    cd = _compute_dtype(q.dtype)
+    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)) * scale - bias
+    if valid is not None:
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    lse = lse.to(cd)
+    m = torch.maximum(lse, s.amax(dim=-1))  # lse is finite, so m is finite and nothing turns into NaN
+    w_old = torch.exp(lse - m)
+    w_blk = torch.exp(s - m[..., None])
+    num = w_old[..., None] * out.to(cd) + value_scale * torch.matmul(w_blk, v_blk.to(cd))
+    return (num / (w_old + w_blk.sum(dim=-1))[..., None]).to(q.dtype)
+
+
+def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None):
+    """VSF image rows: merge Z+ (o_i, lse_i over {I, P}) with the sign-flipped negative block N1.
+
+    Unpadded: one maskless call over N1 (values already times -alpha, so it returns -alpha Z-, and its
+    LSE is log A- + beta), then Z = lerp(Z+, -alpha Z-, 1 - W) with 1 - W = sigmoid(log A- - log A+)
+    per row: one full-size kernel. Padded negatives: the float32 block merge."""
+    if math.isinf(beta):  # beta = +inf removes N1 entirely: the unguided rows, bit for bit
+        if dest is None:
+            return o_i
+        dest.copy_(o_i)
+        return dest
+    if valid is None:
+        o_n, lse_n = attention_lse(q_i, k_n, v_n * (-alpha), scale)
+        # Weight of the N1 block, 1 - W = A- / (A+ + A-), computed directly (not as 1 - W) so that it
+        # keeps its relative precision when cast to a 16-bit dtype; lerp blends in float internally.
+        w_neg = torch.sigmoid(lse_n - beta - lse_i).to(o_i.dtype)[..., None]
+        if dest is None:
+            return torch.lerp(o_i, o_n, w_neg)
+        return torch.lerp(o_i, o_n, w_neg, out=dest)
+    res = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale)
+    if dest is None:
+        return res
+    dest.copy_(res)
+    return dest
+
+
+_N0_MASKS: dict[tuple, tuple] = {}
+
+
+def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch.Tensor:
+    """[B, 1, n, L] bool: N0 queries see image keys and the real N0 keys. n x L, not L x L: the negative
+    rows are few. Cached per layout geometry and padding mask (one generation reuses it every layer)."""
+    key = (layout.length, layout.positive.start, layout.positive.stop, layout.negative.start,
+           layout.negative.stop, batch, str(device), None if valid is None else id(layout.negative_mask))
+    hit = _N0_MASKS.get(key)
+    if hit is not None and (valid is None or hit[1]() is layout.negative_mask):
+        return hit[0]
+    keys = (layout.roles(device) != 1).expand(batch, -1).clone()  # image and negative keys
+    if valid is not None:
+        keys[:, layout.negative] &= valid
+    mask = keys[:, None, None, :].expand(-1, 1, layout.negative_len, -1)
+    if len(_N0_MASKS) > 32:
+        _N0_MASKS.clear()
+    ref = (lambda: None) if valid is None else weakref.ref(layout.negative_mask)
+    _N0_MASKS[key] = (mask, ref)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public entry points
+
+
+def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+    """Exact joint-attention VSF (VSF-SPEC.md table) for `[B, H, L, D]` tensors in any token order.
+
+    I rows: softmax over {I, P} and N1 (logits - beta, values -alpha v_N); P rows: plain over {I, P};
+    N0 rows: over {I, real N0}. Equals `vsf_joint_reference` within dtype tolerance with memory linear
+    in L. Contiguous token groups are used as views; other orders fall back to index_select."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    length, neg, pos = layout.length, layout.negative, layout.positive
+    if q.shape[2] != length:
+        raise ValueError(f"sequence has {q.shape[2]} tokens, layout describes {length}")
+    image_pieces = _gaps(length, (pos, neg))
+    if not image_pieces:  # no image tokens: a text-only call, tiny; the dense reference is fine
+        return vsf_joint_reference(q, k, v, layout, alpha, beta, scale)
+    if layout.negative_len == 0:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     batch, device = q.shape[0], q.device
-    is_negative = layout.roles(device) == NEGATIVE
+    valid = _padding_mask(layout, batch, device)
+
+    ip = _positions(_gaps(length, (neg,)), device)  # {I, P} in sequence order
+    image = _positions(image_pieces, device)
+    image_in_ip = _positions(_shift_past(image_pieces, neg), device)
+    pos_in_ip = slice(*_shift_past([(pos.start, pos.stop)], neg)[0])
+
+    # One unmasked pass over {I, P}: the unguided attention, with log-sum-exp.
+    o_ip, lse_ip = attention_lse(_take(q, ip), _take(k, ip), _take(v, ip), scale)
+
+    out = torch.empty_like(q)
+    out[:, :, pos] = o_ip[:, :, pos_in_ip]
+    q_n, k_n, v_n = q[:, :, neg], k[:, :, neg], v[:, :, neg]
+    o_i, lse_i = _take(o_ip, image_in_ip), lse_ip[:, :, image_in_ip]
+    q_i = _take(q, image)
+    if isinstance(image, slice):
+        _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=out[:, :, image])
+    else:
+        _put(out, image, _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale))
+
+    # N0 rows (few queries): one SDPA call over the whole sequence with an n x L key mask (no copies).
+    out[:, :, neg] = F.scaled_dot_product_attention(
+        q_n, k, v, attn_mask=_negative_rows_mask(layout, batch, device, valid), scale=scale)
+    return out
+
+
+def negative_rows(q, k, v, layout: TokenLayout, scale=None):
+    """Outputs of the N0 rows (the negative text stream): attention over image keys and the real N0
+    keys, one SDPA call with an n x L mask. Shared by VSF, NAG and NASA."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    valid = _padding_mask(layout, q.shape[0], q.device)
+    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid)
+    return F.scaled_dot_product_attention(q[:, :, layout.negative], k, v, attn_mask=mask, scale=scale)
+
+
+def image_over_image_and_negative(q_img, k_img, v_img, k_neg, v_neg, layout: TokenLayout, scale=None):
+    """Attention of image rows over {I, real N} (NAG's Z-) without copying keys into one sequence or
+    masking: a maskless pass over I with its LSE, merged exactly with the negative block."""
+    scale = 1.0 / math.sqrt(q_img.shape[-1]) if scale is None else scale
+    valid = _padding_mask(layout, q_img.shape[0], q_img.device)
+    o_i, lse_i = attention_lse(q_img, k_img, v_img, scale)
+    return _image_rows_vsf(o_i, lse_i, q_img, k_neg, v_neg, -1.0, 0.0, valid, scale)
+
+
+def _vsf_cross_sdpa(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+    """Cross-attention VSF in one SDPA call with a `[B, 1, 1, Lk]` additive key bias (general case)."""
+    batch, device = q.shape[0], q.device
+    roles = layout.roles(device)
+    is_negative = roles == NEGATIVE
     value_scale = torch.where(is_negative, -alpha, 1.0).to(v.dtype)
     values = v * value_scale[:, None]
     bias = torch.where(is_negative, -beta, 0.0).to(q.dtype).expand(batch, -1).clone()
     real = layout.negative_valid(batch, device)
     bias[:, layout.negative] = bias[:, layout.negative].masked_fill(~real, float("-inf"))
-    # Rows outside the text (image-conditioning keys) are not ours to see: the caller passes text only.
+    bias[:, roles == 0] = float("-inf")  # image-role keys are not text: the reference leaves them out
     return F.scaled_dot_product_attention(q, k, values, attn_mask=bias[:, None, None, :], scale=scale)
 
 
-def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
-    """Exact joint-attention VSF."""
-    return vsf_joint_reference(q, k, v, layout, alpha, beta, scale)
+def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+    """Exact cross-attention VSF (paper eq. 9): image queries over text keys `[P, N]` laid out by
+    `layout`: softmax([s_P, s_N - beta]) [V_P; -alpha V_N]. One maskless pass over P with its LSE,
+    merged with the negative block; the general single-SDPA form covers unusual layouts."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if layout.negative_len == 0 or layout.positive_len == 0 or _gaps(layout.length, (layout.positive, layout.negative)):
+        return _vsf_cross_sdpa(q, k, v, layout, alpha, beta, scale)
+    valid = _padding_mask(layout, q.shape[0], q.device)
+    pos, neg = layout.positive, layout.negative
+    o_p, lse_p = attention_lse(q, k[:, :, pos], v[:, :, pos], scale)
+    return _image_rows_vsf(o_p, lse_p, q, k[:, :, neg], v[:, :, neg], alpha, beta, valid, scale)

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# GPU check for issue 4: the whole guidance cost comparison on one H100/H200 in under 5 minutes.
+# Writes JSON per preset into $OUT (default ./bench_out) and a log; needs torch with CUDA + diffusers.
+#   OUT=/tmp/out bash bench/gpu_check.sh
+set -u -o pipefail
+OUT=$(realpath -m "${OUT:-bench_out}")
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+$PY -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" | tee -a "$OUT/gpu.txt"
+status=0
+# fast == reference on CUDA (all token orders, padding, f32/bf16/f16) and the CPU suites
+$PY -m pytest -q -x tests/test_attention_fast.py tests/test_attention_oracle.py -k "not bench" 2>&1 | tail -5 | tee "$OUT/pytest.txt" || status=1
+# SD3.5 Large at 1024^2: attention call + whole forward (the issue's targets)
+timeout 200 $PY -m lib_vsf.bench --preset sd35-large --json "$OUT/sd35-large.json" 2>&1 | tee "$OUT/sd35-large.txt" || status=1
+# other families: one attention call each
+for p in flux-dev sd35-medium wan-1.3b; do
+  timeout 45 $PY -m lib_vsf.bench --preset "$p" --attention-only --repeats 20 --json "$OUT/$p.json" 2>&1 | tee "$OUT/$p.txt" || status=1
+done
+exit $status

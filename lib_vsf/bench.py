@@ -1,0 +1,446 @@
+"""`python -m lib_vsf.bench`: what guidance costs, one attention call and one whole transformer forward.
+
+Times, in one run and on one device: the unguided pass, CFG (batch 2), VSF through the dense-mask
+reference (`vsf_reference`, float32 math) and through a paper-style dense additive mask in SDPA
+(`vsf_dense_sdpa`), the fast exact VSF (`vsf_fast`), NAG and NASA. The models are diffusers
+transformers built from a config with random weights (presets in `bench_models.py`), so no checkpoint
+is needed. It also checks the fast path against the reference on the same inputs, prints a table and
+optionally writes JSON (median ms, ratio to unguided, peak memory).
+
+    python -m lib_vsf.bench                                   # tiny preset on CPU
+    python -m lib_vsf.bench --preset sd35-large --json out.json   # on a GPU, bf16
+    python -m lib_vsf.bench --preset flux-dev --attention-only
+
+The whole-forward part installs the processors of `lib_vsf.diffusers` on the bare transformer (see
+`guided_inputs`); without diffusers it is skipped and says why.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import attention_fast
+from .attention import Guidance, cross_attention, joint_attention
+from .attention_reference import vsf_cross_reference, vsf_joint_reference
+from .bench_models import PRESETS, Preset, build_model
+from .layout import IMAGE, NEGATIVE, TokenLayout, text_layout
+
+METHODS = {  # name -> Guidance used for the attention call and the forward
+    "vsf": Guidance("vsf", 3.3, 0.2),
+    "nag": Guidance("nag", 4.0, 0.125, 2.5),
+    "nasa": Guidance("nasa", 0.15, 0.0),
+}
+ROWS = ("unguided", "cfg", "vsf_reference", "vsf_dense_sdpa", "vsf_fast", "nag", "nasa")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, baseline_ms=None) -> dict:
+    """Median wall time of `fn` (synchronised) and the peak memory it reached (CUDA only)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for _ in range(max(1, repeats)):
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1000.0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    med = statistics.median(times)
+    return {"median_ms": round(med, 4), "min_ms": round(min(times), 4), "repeats": len(times),
+            "ratio": None if not baseline_ms else round(med / baseline_ms, 3),
+            "peak_mib": None if peak is None else round(peak, 1)}
+
+
+def _fits(n_bytes: float, device: torch.device) -> bool:
+    """Can a transient of `n_bytes` be allocated without risking the run?"""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return n_bytes < 0.6 * free
+    return n_bytes < 4 * 2**30
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Paper-style dense-mask VSF (the cost anchor): full [.., N1] sequence and an additive Lq x Lk mask in SDPA
+
+
+class DenseSdpaVSF:
+    """VSF as the paper's code computes it: keys/values extended by N1, one SDPA call with a dense
+    additive mask in the model dtype (cached per layout shape). Unpadded negatives only."""
+
+    def __init__(self):
+        self.cache: dict = {}
+
+    def mask(self, layout: TokenLayout, beta: float, device, dtype) -> torch.Tensor:
+        key = (layout.length, layout.positive.start, layout.negative.start, layout.negative_len, beta, str(device), dtype)
+        if key not in self.cache:
+            roles = layout.roles(device)
+            q_role = roles[:, None]
+            main = torch.where(q_role == NEGATIVE, roles[None, :] != 1, roles[None, :] != NEGATIVE)
+            n1 = (q_role == IMAGE).expand(-1, layout.negative_len)
+            allow = torch.cat([main, n1], 1)
+            bias = torch.zeros(allow.shape, device=device)
+            bias[:, layout.length:] = -beta
+            self.cache = {key: torch.where(allow, bias, float("-inf")).to(dtype)[None, None]}
+        return self.cache[key]
+
+    def joint(self, q, k, v, layout, alpha, beta, scale=None):
+        neg = layout.negative
+        keys = torch.cat([k, k[:, :, neg]], 2)
+        values = torch.cat([v, -alpha * v[:, :, neg]], 2)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask(layout, beta, q.device, q.dtype),
+                                              scale=scale)
+
+
+@contextlib.contextmanager
+def vsf_implementation(joint=None, cross=None):
+    """Route `lib_vsf.attention`'s VSF calls through other implementations for a while."""
+    saved = attention_fast.vsf_joint, attention_fast.vsf_cross
+    try:
+        if joint is not None:
+            attention_fast.vsf_joint = joint
+        if cross is not None:
+            attention_fast.vsf_cross = cross
+        yield
+    finally:
+        attention_fast.vsf_joint, attention_fast.vsf_cross = saved
+
+
+@contextlib.contextmanager
+def forced_backend(name: str | None):
+    """Force one LSE backend (VSF_ATTENTION_BACKEND) for a while; None = automatic choice."""
+    saved = os.environ.get("VSF_ATTENTION_BACKEND")
+    try:
+        if name is None:
+            os.environ.pop("VSF_ATTENTION_BACKEND", None)
+        else:
+            os.environ["VSF_ATTENTION_BACKEND"] = name
+        attention_fast.reset_backend_cache()
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("VSF_ATTENTION_BACKEND", None)
+        else:
+            os.environ["VSF_ATTENTION_BACKEND"] = saved
+        attention_fast.reset_backend_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One attention call at the preset's shapes
+
+
+def _heads_view(batch, heads, length, dim, device, dtype, gen):
+    """[B, H, L, D] as diffusers produces it: a transposed view of [B, L, H, D]."""
+    t = torch.randn(batch, length, heads, dim, generator=gen, device="cpu", dtype=torch.float32)
+    return t.to(device=device, dtype=dtype).transpose(1, 2)
+
+
+def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True,
+                      profile=False) -> tuple[dict, dict]:
+    """Time every method on one attention call; return (timings, numerical checks)."""
+    gen = torch.Generator().manual_seed(0)
+    li, lp, n, h, d = p.image_tokens, p.positive_tokens, p.negative_tokens, p.heads, p.head_dim
+    alpha, beta = METHODS["vsf"].alpha, METHODS["vsf"].beta
+    res, check, skipped = {}, {}, {}
+    dense = DenseSdpaVSF()
+    if p.kind == "joint":
+        length = li + lp + n
+        if p.negative_first:  # text first, negatives first: [N0, P, I]
+            layout = text_layout(lp, n, negative_first=True, total=length)
+        else:  # [I, P, N0]
+            layout = text_layout(lp, n, offset=li)
+        q, k, v = (_heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
+        keep = slice(n, length) if p.negative_first else slice(0, li + lp)  # {I, P}: contiguous in both
+        qu, ku, vu = q[:, :, keep], k[:, :, keep], v[:, :, keep]
+        guided = lambda g: joint_attention(q, k, v, layout, g)  # noqa: E731
+        ref_fn = lambda: vsf_joint_reference(q, k, v, layout, alpha, beta)  # noqa: E731
+        dense_fn = lambda: dense.joint(q, k, v, layout, alpha, beta)  # noqa: E731
+        ref_bytes = 4 * 4 * batch * h * length * (length + n)
+        dense_bytes = 2 * batch * length * (length + n) * q.element_size()
+    else:
+        layout = text_layout(lp, n)
+        q = _heads_view(batch, h, li, d, device, dtype, gen)
+        k, v = (_heads_view(batch, h, lp + n, d, device, dtype, gen) for _ in range(2))
+        qu, ku, vu = q, k[:, :, :lp], v[:, :, :lp]
+        guided = lambda g: cross_attention(q, k, v, layout, g)  # noqa: E731
+        ref_fn = lambda: vsf_cross_reference(q, k, v, layout, alpha, beta)  # noqa: E731
+        dense_fn = lambda: attention_fast._vsf_cross_sdpa(q, k, v, layout, alpha, beta)  # noqa: E731
+        ref_bytes = 4 * 4 * batch * h * li * (lp + n)
+        dense_bytes = 0
+    q2, k2, v2 = (torch.cat([t, t]) for t in (qu, ku, vu))
+
+    base = timed(lambda: F.scaled_dot_product_attention(qu, ku, vu), device, warmup, repeats)
+    res["unguided"] = {**base, "ratio": 1.0}
+    bm = base["median_ms"]
+    res["cfg"] = timed(lambda: F.scaled_dot_product_attention(q2, k2, v2), device, warmup, repeats, bm)
+    del q2, k2, v2
+    if reference and _fits(ref_bytes, device):
+        res["vsf_reference"] = timed(ref_fn, device, 1, max(1, min(3, repeats)), bm)
+    else:
+        skipped["vsf_reference"] = f"needs ~{ref_bytes / 2**30:.1f} GiB of float32 logits" if reference else "off"
+    if _fits(dense_bytes + ref_bytes / 8, device):
+        res["vsf_dense_sdpa"] = timed(dense_fn, device, warmup, repeats, bm)
+    else:
+        skipped["vsf_dense_sdpa"] = "dense mask does not fit"
+    res["vsf_fast"] = timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm)
+    res["nag"] = timed(lambda: guided(METHODS["nag"]), device, warmup, repeats, bm)
+    res["nasa"] = timed(lambda: guided(METHODS["nasa"]), device, warmup, repeats, bm)
+
+    with torch.no_grad():
+        fast = guided(METHODS["vsf"]).float()
+        if "vsf_reference" in res or _fits(ref_bytes, device):
+            want = ref_fn().float()  # float32 math on the same (dtype) inputs
+            err = (fast - want).abs()
+            check["vsf_fast_vs_reference_max_abs"] = float(err.max())
+            check["vsf_fast_vs_reference_mean_abs"] = float(err.mean())
+            check["reference_max_abs_value"] = float(want.abs().max())
+            if "vsf_dense_sdpa" in res:
+                check["vsf_dense_sdpa_vs_reference_max_abs"] = float((dense_fn().float() - want).abs().max())
+            # Yardstick: how far the unguided kernel itself is from float32 math at this dtype.
+            plain = F.scaled_dot_product_attention(qu, ku, vu).float()
+            plain32 = F.scaled_dot_product_attention(qu.float(), ku.float(), vu.float())
+            check["unguided_kernel_vs_float32_max_abs"] = float((plain - plain32).abs().max())
+            del want, plain, plain32
+        check["backend"] = attention_fast.select_backend(q.device, q.dtype, d)[0]
+
+    # Every usable LSE backend: the {I, P} pass with LSE alone, and the whole fast VSF call.
+    per_backend = {}
+    for name in attention_fast._ORDER.get(device.type, ("chunked",)):
+        with forced_backend(name), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            chosen = attention_fast.select_backend(q.device, q.dtype, d)[0]
+            if chosen != name:
+                per_backend[name] = "unavailable"
+                continue
+            fn = attention_fast.select_backend(q.device, q.dtype, d)[1]
+            per_backend[name] = {
+                "lse_pass": timed(lambda: fn(qu, ku, vu, 1 / math.sqrt(d)), device, warmup, repeats, bm),
+                "vsf_fast": timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm),
+            }
+    check["skipped"] = skipped
+    table = _profile(lambda: guided(METHODS["vsf"]), device) if profile else None
+    return res, {"check": check, "backends": per_backend, "profile": table}
+
+
+def _profile(fn, device) -> str | None:
+    """Kernel time table of one call (CUDA only): where the time beyond the unguided pass goes."""
+    if device.type != "cuda":
+        return None
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            _sync(device)
+        return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60)
+    except Exception as err:  # noqa: BLE001
+        return f"profiler failed: {err!r:.200}"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One whole transformer forward
+
+
+@contextlib.contextmanager
+def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: torch.Tensor):
+    """Install `lib_vsf.diffusers`' processors of the preset's family on a bare transformer for one
+    step with `negative` [B, n, E] appended to the text stream; yields the forward kwargs. The
+    original processors are restored on exit. Isolated here: this is the only place that knows the
+    adapter API."""
+    from .diffusers.guidance import FAMILIES
+    from .settings import VSFSettings
+    from .state import GuidanceRun, NegativeText
+
+    adapter = next(f() for f in FAMILIES if f.family == p.family)
+    settings = VSFSettings(guidance.method, alpha=guidance.alpha, beta=guidance.beta, tau=guidance.tau)
+    run = GuidanceRun(settings, negative_first=adapter.negative_first)
+    originals = dict(model.attn_processors)
+    ours = {name: adapter.processor_for(name, proc, run) or proc for name, proc in originals.items()}
+    text = NegativeText(negative, torch.ones(negative.shape[:2], dtype=torch.bool, device=negative.device))
+    model.set_attn_processor(ours)
+    try:
+        run.set_step(0, 1)
+        run.set_text(adapter.positive_length(kwargs), text, adapter.negative_first)
+        yield adapter.extend_inputs(kwargs, text)
+    finally:
+        model.set_attn_processor(originals)
+
+
+def _batch2(kwargs: dict, batch: int) -> dict:
+    """The CFG batch: every per-sample input twice (position ids are shared)."""
+    return {k: torch.cat([t, t]) if torch.is_tensor(t) and t.dim() and t.shape[0] == batch and not k.endswith("_ids")
+            else t for k, t in kwargs.items()}
+
+
+def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True) -> tuple[dict, dict]:
+    """Time one whole transformer forward per method; return (timings, checks). Needs diffusers."""
+    try:
+        import diffusers  # noqa: F401
+
+        from . import diffusers as _lib_diffusers  # noqa: F401
+    except Exception as err:  # noqa: BLE001
+        return {}, {"skipped": f"whole forward needs diffusers and lib_vsf.diffusers: {err!r:.200}"}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = build_model(p, device, dtype)
+    checks = {"model_init_s": round(time.perf_counter() - t0, 1),
+              "parameters_b": round(sum(x.numel() for x in model.parameters()) / 1e9, 3)}
+    kwargs = p.make_inputs(p, batch, device, dtype)
+    text_dim = kwargs["encoder_hidden_states"].shape[-1]
+    negative = torch.randn(batch, p.negative_tokens, text_dim, device=device, dtype=dtype)
+    fwd = lambda kw: model(**kw, return_dict=False)[0]  # noqa: E731
+    res, skipped = {}, {}
+    with torch.no_grad():
+        res["unguided"] = {**timed(lambda: fwd(kwargs), device, warmup, repeats), "ratio": 1.0}
+        bm = res["unguided"]["median_ms"]
+        cfg_kwargs = _batch2(kwargs, batch)
+        res["cfg"] = timed(lambda: fwd(cfg_kwargs), device, warmup, repeats, bm)
+        del cfg_kwargs
+        outputs = {}
+        length = p.image_tokens + p.positive_tokens + p.negative_tokens
+        ref_bytes = 4 * 4 * batch * p.heads * (length * (length + p.negative_tokens) if p.kind == "joint"
+                                                else p.image_tokens * (p.positive_tokens + p.negative_tokens))
+        dense = DenseSdpaVSF()
+        variants = [("vsf_fast", "vsf", {}), ("nag", "nag", {}), ("nasa", "nasa", {})]
+        if reference and _fits(ref_bytes, device):
+            variants.append(("vsf_reference", "vsf", dict(joint=vsf_joint_reference, cross=vsf_cross_reference)))
+        else:
+            skipped["vsf_reference"] = f"needs ~{ref_bytes / 2**30:.1f} GiB per attention" if reference else "off"
+        if p.kind == "joint":
+            variants.append(("vsf_dense_sdpa", "vsf", dict(joint=dense.joint)))
+        for name, method, impl in variants:
+            with guided_inputs(model, p, METHODS[method], kwargs, negative) as gkw, vsf_implementation(**impl):
+                slow = name == "vsf_reference"
+                res[name] = timed(lambda: fwd(gkw), device, 1 if slow else warmup,
+                                  max(1, min(3, repeats)) if slow else repeats, bm)
+                if name in ("vsf_fast", "vsf_reference"):
+                    outputs[name] = fwd(gkw).float()
+        if "vsf_reference" in outputs:
+            err = (outputs["vsf_fast"] - outputs["vsf_reference"]).abs()
+            checks["vsf_fast_vs_reference_max_abs"] = float(err.max())
+            checks["vsf_fast_vs_reference_mean_abs"] = float(err.mean())
+            checks["reference_max_abs_value"] = float(outputs["vsf_reference"].abs().max())
+    checks["skipped"] = skipped
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return res, checks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def _table(title: str, rows: dict) -> str:
+    lines = [title, f"  {'method':<16}{'median ms':>12}{'x unguided':>12}{'peak MiB':>12}"]
+    for name in ROWS:
+        r = rows.get(name)
+        if not r:
+            continue
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"  {name:<16}{r['median_ms']:>12.3f}{r['ratio']:>12.3f}{peak:>12}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Command line entry point; see the module docstring."""
+    ap = argparse.ArgumentParser(prog="python -m lib_vsf.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model and shapes (default: tiny on CPU, sd35-large on CUDA)")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    ap.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 30 attention / 10 forward)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--attention-only", action="store_true")
+    ap.add_argument("--forward-only", action="store_true")
+    ap.add_argument("--no-reference", action="store_true", help="skip the float32 dense reference timings")
+    ap.add_argument("--profile", action="store_true",
+                    help="print a CUDA kernel table of the fast VSF call (disturbs later timings: run alone)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    preset = PRESETS[args.preset or ("sd35-large" if device.type == "cuda" else "tiny")]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    warmup = 1 if args.repeats == 1 else (args.warmup if args.warmup is not None else 5)
+    if args.warmup is not None:
+        warmup = args.warmup
+    out = {
+        "preset": preset.name, "note": preset.note, "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "python": sys.version.split()[0],
+        "shapes": {"heads": preset.heads, "head_dim": preset.head_dim, "image_tokens": preset.image_tokens,
+                   "positive_tokens": preset.positive_tokens, "negative_tokens": preset.negative_tokens,
+                   "batch": args.batch, "kind": preset.kind,
+                   "order": "[N0, P, I]" if preset.negative_first else "[I, P, N0]" if preset.kind == "joint"
+                   else "image queries, keys [P, N]"},
+        "guidance": {k: vars(g) for k, g in METHODS.items()},
+        "backend": attention_fast.select_backend(device, dtype, preset.head_dim)[0],
+        "attention": {}, "forward": {}, "check": {},
+    }
+    try:
+        import diffusers
+
+        out["diffusers"] = diffusers.__version__
+    except Exception:  # noqa: BLE001
+        out["diffusers"] = None
+    t0 = time.perf_counter()
+    if not args.forward_only:
+        rows, extra = attention_section(preset, device, dtype, warmup, args.repeats or 30, args.batch,
+                                        not args.no_reference, args.profile)
+        out["attention"], out["attention_backends"] = rows, extra["backends"]
+        out["attention_profile"] = extra["profile"]
+        if extra["profile"]:
+            print(extra["profile"])
+        out["check"]["attention"] = extra["check"]
+        print(_table(f"one attention call ({preset.name}, {out['dtype']}, {out['device']})", rows))
+        print("  fast vs reference:", json.dumps({k: v for k, v in extra["check"].items() if k != "skipped"}))
+        for name, r in extra["backends"].items():
+            if isinstance(r, dict):
+                print(f"  backend {name:<10} LSE pass {r['lse_pass']['ratio']:.3f}x   VSF fast {r['vsf_fast']['ratio']:.3f}x")
+            else:
+                print(f"  backend {name:<10} {r}")
+    if not args.attention_only:
+        rows, checks = forward_section(preset, device, dtype, 2 if args.repeats == 1 else min(warmup, 3),
+                                       args.repeats or 10, args.batch, not args.no_reference)
+        out["forward"], out["check"]["forward"] = rows, checks
+        if rows:
+            print(_table(f"whole transformer forward ({preset.name})", rows))
+        print("  forward checks:", json.dumps(checks))
+    out["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print("wrote", args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""Benchmark presets: diffusers transformer configs (random weights) and their attention shapes.
+
+Each preset names a diffusers model class and config, the family adapter of `lib_vsf.diffusers` that
+guides it, the token counts of one denoiser call (image tokens at the preset's resolution, positive and
+negative text tokens) and how to build that call's inputs. Only `tiny` is meant for CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass(frozen=True)
+class Preset:
+    """One benchmark setting. `kind`: "joint" (MMDiT, one sequence) or "cross" (image queries, text keys)."""
+
+    name: str
+    model_class: str  # diffusers class name
+    config: dict
+    family: str  # lib_vsf.diffusers family ("sd3", "flux", "wan")
+    kind: str
+    heads: int
+    head_dim: int
+    image_tokens: int
+    positive_tokens: int
+    negative_tokens: int
+    negative_first: bool  # token order of the joint sequence: [N0, P, I] if True, [I, P, N0] if False
+    text_first: bool
+    make_inputs: Callable[["Preset", int, torch.device, torch.dtype], dict] = field(repr=False, default=None)
+    note: str = ""
+    video_latent: tuple[int, int, int] | None = None  # (frames, height, width) of a video latent
+
+
+def _sd3_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
+    side = int(round((p.image_tokens * p.config["patch_size"] ** 2) ** 0.5))
+    c = p.config
+    return dict(
+        hidden_states=torch.randn(batch, c["in_channels"], side, side, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, p.positive_tokens, c["joint_attention_dim"], device=device,
+                                          dtype=dtype),
+        pooled_projections=torch.randn(batch, c["pooled_projection_dim"], device=device, dtype=dtype),
+        timestep=torch.full((batch,), 500.0, device=device),
+    )
+
+
+def _flux_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
+    c = p.config
+    side = int(round(p.image_tokens ** 0.5))
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+    out = dict(
+        hidden_states=torch.randn(batch, p.image_tokens, c["in_channels"], device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, p.positive_tokens, c["joint_attention_dim"], device=device,
+                                          dtype=dtype),
+        pooled_projections=torch.randn(batch, c["pooled_projection_dim"], device=device, dtype=dtype),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(p.positive_tokens, 3, device=device, dtype=dtype),
+    )
+    if c.get("guidance_embeds"):
+        out["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return out
+
+
+def _wan_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
+    c = p.config
+    frames, h, w = p.video_latent
+    return dict(
+        hidden_states=torch.randn(batch, c["in_channels"], frames, h, w, device=device, dtype=dtype),
+        timestep=torch.full((batch,), 500, device=device, dtype=torch.long),
+        encoder_hidden_states=torch.randn(batch, p.positive_tokens, c["text_dim"], device=device, dtype=dtype),
+    )
+
+
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
+                num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64,
+                pooled_projection_dim=32, out_channels=4, pos_embed_max_size=32, qk_norm="rms_norm")
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
+               out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+               qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", "SD3Transformer2DModel", SD3_TINY, "sd3", "joint", 4, 16, 64, 12, 3, False, False,
+                   _sd3_inputs, note="2-layer SD3, 128x128 equivalent; CPU smoke test"),
+    "sd35-large": Preset("sd35-large", "SD3Transformer2DModel", SD35_LARGE, "sd3", "joint", 38, 64, 4096, 333, 8,
+                         False, False, _sd3_inputs, note="1024x1024; [I, P, N0]"),
+    "sd35-medium": Preset("sd35-medium", "SD3Transformer2DModel", SD35_MEDIUM, "sd3", "joint", 24, 64, 4096, 333,
+                          8, False, False, _sd3_inputs, note="1024x1024; [I, P, N0]"),
+    "flux-dev": Preset("flux-dev", "FluxTransformer2DModel", FLUX_DEV, "flux", "joint", 24, 128, 4096, 512, 8,
+                       True, True, _flux_inputs, note="1024x1024; text first, negative first: [N0, P, I]"),
+    "wan-1.3b": Preset("wan-1.3b", "WanTransformer3DModel", WAN_13B, "wan", "cross", 12, 128, 21 * 30 * 52, 512,
+                       8, False, False, _wan_inputs, note="480x832, 81 frames; cross-attention (attn2)",
+                       video_latent=(21, 60, 104)),
+}
+
+
+def build_model(preset: Preset, device, dtype) -> torch.nn.Module:
+    """The preset's diffusers transformer with random weights, on `device` in `dtype`, eval mode."""
+    import diffusers
+
+    cls = getattr(diffusers, preset.model_class)
+    # Build directly in the target dtype on the device: an 8-12B model never exists in float32.
+    saved = torch.get_default_dtype()
+    try:
+        if dtype.is_floating_point:
+            torch.set_default_dtype(dtype)
+        with torch.device(device):
+            model = cls(**preset.config)
+    finally:
+        torch.set_default_dtype(saved)
+    return model.to(dtype=dtype).eval().requires_grad_(False)
