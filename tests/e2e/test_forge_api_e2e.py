@@ -1,0 +1,396 @@
+"""Opt-in end-to-end test: the extension inside a real Forge API server on CPU, tiny SD3 checkpoint.
+
+Skipped unless both are set:
+
+    VSF_FORGE_DIR=<Forge checkout>        (lllyasviel/stable-diffusion-webui-forge, dfdcbab6 seen working)
+    VSF_FORGE_PYTHON=<its venv's python>  (tests/e2e/setup_forge_env.sh builds both)
+
+Optional: VSF_FORGE_CKPT (tiny checkpoint; default <forge>/models/Stable-diffusion/vsf-tiny-sd3.safetensors,
+built with tests/e2e/make_tiny_sd3_checkpoint.py when missing), VSF_FORGE_STARTUP_TIMEOUT (s, default 300),
+VSF_FORGE_REQUEST_TIMEOUT (s, default 300), VSF_FORGE_KEEP_LOG=1 (print the server log at the end).
+
+The module starts `launch.py --nowebui --api --always-cpu ...` itself on a free 127.0.0.1 port, with this
+repository symlinked as <forge>/extensions/sd-webui-vsf (removed afterwards) and its own settings file
+(live previews off, T5 off), waits for it with a bounded timeout and stops it in a `finally`. About a dozen
+64x64, 3-step requests in all; nothing leaves the loopback interface.
+
+Checks (the issue's a-d):
+  a. `alwayson_scripts["Value Sign Flip"]` as a positional list and as one dict runs VSF: the infotext
+     carries the VSF keys, the image differs from the unguided one, and both forms give the same image.
+  b. X/Y/Z plot over `[VSF] Alpha` gives one image per value, each with its alpha in the infotext.
+  c. after VSF calls, a call without the extension (and one with it disabled) reproduces, bit for bit,
+     the unguided image made before any VSF call.
+  d. bad API values give an HTTP error whose message names the problem; the next calls are unaffected.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+FORGE_DIR = os.environ.get("VSF_FORGE_DIR", "")
+FORGE_PYTHON = os.environ.get("VSF_FORGE_PYTHON", "")
+STARTUP_TIMEOUT = float(os.environ.get("VSF_FORGE_STARTUP_TIMEOUT", "300"))
+REQUEST_TIMEOUT = float(os.environ.get("VSF_FORGE_REQUEST_TIMEOUT", "300"))
+CKPT_NAME = "vsf-tiny-sd3.safetensors"
+EXT_LINK_NAME = "sd-webui-vsf"
+SCRIPT_TITLE = "Value Sign Flip"
+HOST = "127.0.0.1"
+
+pytestmark = pytest.mark.skipif(
+    not (FORGE_DIR and FORGE_PYTHON),
+    reason="opt-in: set VSF_FORGE_DIR and VSF_FORGE_PYTHON (see tests/e2e/setup_forge_env.sh)",
+)
+
+# Every request shares these: tiny, deterministic, CFG 1 (Forge's own path ignores the negative prompt).
+# "Simple" schedule: Forge's "Automatic" schedule for SD3 at 3 steps calls the model at sigma 0 and
+# Euler then divides by zero (black NaN image), unrelated to the extension.
+BASE_REQUEST = {
+    "prompt": "a photo of a cat",
+    "negative_prompt": "dog, blurry",
+    "width": 64,
+    "height": 64,
+    "steps": 3,
+    "cfg_scale": 1.0,
+    "seed": 42,
+    "sampler_name": "Euler",
+    "scheduler": "Simple",
+    "batch_size": 1,
+    "n_iter": 1,
+}
+LAUNCH_FLAGS = [
+    "--nowebui", "--api", "--always-cpu", "--skip-torch-cuda-test", "--skip-prepare-environment",
+    "--skip-python-version-check", "--skip-version-check", "--no-download-sd-model",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str, n: int = 80) -> str:
+    try:
+        with open(path, "r", errors="replace") as f:
+            return "".join(f.readlines()[-n:])
+    except OSError:
+        return "<no log>"
+
+
+def _decode(b64: str):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+class Forge:
+    """The running server: request helpers, the baseline made before any VSF call, timings."""
+
+    def __init__(self, port: int, log_path: str, proc: subprocess.Popen):
+        self.url = f"http://{HOST}:{port}"
+        self.log_path = log_path
+        self.proc = proc
+        self.timings: list[tuple[str, float, int]] = []
+        self.results: dict[str, dict] = {}
+        self.baseline: dict | None = None
+
+    def request(self, method: str, path: str, body=None, label: str = "", timeout: float = REQUEST_TIMEOUT):
+        """(status, parsed JSON); HTTP errors are returned, not raised."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+        t0 = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as e:
+            status, raw = e.code, e.read()
+        self.timings.append((label or f"{method} {path}", time.monotonic() - t0, status))
+        try:
+            return status, json.loads(raw or b"null")
+        except ValueError:
+            return status, raw.decode(errors="replace")
+
+    def txt2img(self, label: str, **extra):
+        body = dict(BASE_REQUEST)
+        body.update(extra)
+        return self.request("POST", "/sdapi/v1/txt2img", body, label=label)
+
+    def txt2img_ok(self, label: str, **extra) -> dict:
+        status, data = self.txt2img(label, **extra)
+        assert status == 200, f"{label}: HTTP {status}: {data}\n--- server log tail ---\n{_tail(self.log_path)}"
+        assert data.get("images"), f"{label}: no images in response"
+        return data
+
+
+def infotexts(data: dict) -> list[str]:
+    return json.loads(data["info"])["infotexts"]
+
+
+def params_line(text: str) -> str:
+    return text.strip().split("\n")[-1]
+
+
+def infotext_value(text: str, key: str) -> str | None:
+    m = re.search(r"(?:^|, )" + re.escape(key) + r': ("(?:\\.|[^"])*"|[^,]*)', params_line(text))
+    return m.group(1).strip() if m else None
+
+
+def vsf_keys() -> dict:
+    from lib_vsf.settings import INFOTEXT_KEYS
+
+    return INFOTEXT_KEYS
+
+
+def script_info(forge: Forge, name: str) -> dict:
+    status, info = forge.request("GET", "/sdapi/v1/script-info", label="GET script-info")
+    assert status == 200, info
+    for entry in info:
+        if entry["name"] == name.lower() and not entry["is_img2img"]:
+            return entry
+    raise AssertionError(f"script {name!r} not in /sdapi/v1/script-info (txt2img): "
+                         f"{sorted({e['name'] for e in info})}")
+
+
+# --------------------------------------------------------------------------------------------------
+# the server
+
+def _ensure_checkpoint(forge_dir: str) -> str:
+    ckpt = os.environ.get("VSF_FORGE_CKPT") or os.path.join(forge_dir, "models", "Stable-diffusion", CKPT_NAME)
+    if not os.path.isfile(ckpt):
+        subprocess.run([FORGE_PYTHON, os.path.join(HERE, "make_tiny_sd3_checkpoint.py"),
+                        "--forge-dir", forge_dir, "--out", ckpt], check=True, timeout=900)
+    return ckpt
+
+
+def _link_extension(forge_dir: str) -> str:
+    link = os.path.join(forge_dir, "extensions", EXT_LINK_NAME)
+    if os.path.islink(link):
+        if os.path.realpath(link) != os.path.realpath(REPO):
+            pytest.fail(f"{link} links somewhere else ({os.readlink(link)}); remove it first")
+        os.unlink(link)  # stale link from an interrupted run: recreate
+    elif os.path.exists(link):
+        pytest.fail(f"{link} exists and is not a symlink to this repository; move it away first")
+    os.makedirs(os.path.dirname(link), exist_ok=True)
+    os.symlink(REPO, link)
+    return link
+
+
+@pytest.fixture(scope="module")
+def forge():
+    forge_dir = os.path.abspath(FORGE_DIR)
+    for must in ("launch.py", os.path.join("repositories", "huggingface_guess", "huggingface_guess")):
+        if not os.path.exists(os.path.join(forge_dir, must)):
+            pytest.fail(f"{forge_dir} lacks {must}: run tests/e2e/setup_forge_env.sh first")
+    ckpt = _ensure_checkpoint(forge_dir)
+
+    workdir = tempfile.mkdtemp(prefix="vsf-forge-e2e-")
+    settings_file = os.path.join(workdir, "config.json")
+    with open(settings_file, "w") as f:
+        # live previews would try to download a preview decoder; T5 is not in the tiny checkpoint
+        json.dump({"live_previews_enable": False, "sd3_enable_t5": False,
+                   "sd_model_checkpoint": os.path.basename(ckpt)}, f)
+    log_path = os.path.join(workdir, "server.log")
+    port = _free_port()
+    cmd = [FORGE_PYTHON, "launch.py", *LAUNCH_FLAGS, "--server-name", HOST, "--port", str(port),
+           "--ui-settings-file", settings_file, "--ckpt", ckpt]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    env.pop("VSF_FORGE_DIR", None)
+
+    link = _link_extension(forge_dir)
+    proc = None
+    server = None
+    log = open(log_path, "wb")
+    try:
+        t0 = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=forge_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+        server = Forge(port, log_path, proc)
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"Forge exited with {proc.returncode} during startup:\n{_tail(log_path)}")
+            if time.monotonic() - t0 > STARTUP_TIMEOUT:
+                pytest.fail(f"Forge not ready after {STARTUP_TIMEOUT:.0f}s:\n{_tail(log_path)}")
+            try:
+                status, _ = server.request("GET", "/sdapi/v1/sd-models", label="startup poll", timeout=5)
+                if status == 200:
+                    break
+            except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
+                pass
+            time.sleep(1.0)
+        server.timings = [("startup (launch to API ready)", time.monotonic() - t0, 200)]
+
+        # The unguided reference, before any VSF call (check c compares against it).
+        server.baseline = server.txt2img_ok("baseline (unguided, before any VSF call)")
+        yield server
+    finally:
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=30)
+            except ProcessLookupError:
+                pass
+        log.close()
+        if os.path.islink(link):
+            os.unlink(link)
+        if server is not None:
+            rows = "\n".join(f"  {label:<55} {secs:7.2f}s  HTTP {status}" for label, secs, status in server.timings)
+            print(f"\n[forge e2e] port {port}, log {log_path}\n{rows}")
+            if os.environ.get("VSF_FORGE_KEEP_LOG"):
+                print(_tail(log_path, 400))
+
+
+# --------------------------------------------------------------------------------------------------
+# checks
+
+def _vsf_positional(forge: Forge, alpha, beta) -> list:
+    """The positional list, built from the script's own argument labels in /sdapi/v1/script-info."""
+    entry = script_info(forge, SCRIPT_TITLE)
+    assert entry["is_alwayson"], entry
+    args = [a["value"] for a in entry["args"]]
+    labels = [(a["label"] or "").lower() for a in entry["args"]]
+    assert isinstance(args[0], bool), f"slot 0 should be the enable checkbox: {entry['args'][0]}"
+
+    def slot(word: str) -> int:
+        hits = [i for i, label in enumerate(labels) if label.startswith(word)]
+        assert len(hits) == 1, f"no single argument labelled {word!r}: {labels}"
+        return hits[0]
+
+    args[0] = True
+    args[slot("method")] = "VSF"
+    args[slot("alpha")] = alpha
+    args[slot("beta")] = beta
+    return args
+
+
+def _assert_vsf_infotext(text: str, alpha: float, beta: float):
+    keys = vsf_keys()
+    method = infotext_value(text, keys["method"])
+    assert method is not None and method.lower() == "vsf", f"no '{keys['method']}: vsf' in infotext: {text!r}"
+    got_alpha = infotext_value(text, keys["alpha"])
+    assert got_alpha is not None and float(got_alpha) == pytest.approx(alpha), f"alpha: {text!r}"
+    got_beta = infotext_value(text, keys["beta"])
+    assert got_beta is not None and float(got_beta) == pytest.approx(beta), f"beta: {text!r}"
+
+
+def test_baseline_is_plain(forge):
+    text = infotexts(forge.baseline)[0]
+    assert "VSF" not in text, text
+    assert "Model: vsf-tiny-sd3" in text, text
+    img = _decode(forge.baseline["images"][0])
+    assert img.shape == (64, 64, 3)
+    assert img.std() > 1.0, "baseline image is flat (NaN latents decode to black)"
+
+
+@pytest.mark.parametrize("form", ["positional", "dict"])
+def test_a_vsf_runs_from_api(forge, form):
+    alpha, beta = 3.3, 0.2
+    if form == "positional":
+        args = _vsf_positional(forge, alpha, beta)
+    else:
+        args = [{"enabled": True, "method": "vsf", "alpha": alpha, "beta": beta}]
+    data = forge.txt2img_ok(f"(a) VSF {form} args", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
+    text = infotexts(data)[0]
+    _assert_vsf_infotext(text, alpha, beta)
+    img, base = _decode(data["images"][0]), _decode(forge.baseline["images"][0])
+    diff = abs(img.astype(int) - base.astype(int))
+    assert diff.max() > 0, "VSF image equals the unguided one"
+    forge.results[form] = data
+    other = forge.results.get("dict" if form == "positional" else "positional")
+    if other is not None:
+        assert (_decode(other["images"][0]) == img).all(), "positional and dict forms gave different images"
+
+
+def test_b_xyz_over_alpha(forge):
+    values = [1.5, 3.3, 6.0]
+    entry = script_info(forge, "x/y/z plot")
+    choices = entry["args"][0]["choices"] or []
+    assert "[VSF] Alpha" in choices, (
+        "'[VSF] Alpha' is not among the X/Y/Z plot axes the API offers (X type choices: "
+        f"{len(choices)}, none VSF: {[c for c in choices if 'VSF' in c]}). With --nowebui, Forge runs every "
+        "script's ui() (which fixes xyz_grid's current_axis_options) before the on_before_ui callbacks.")
+    x_type = choices.index("[VSF] Alpha")
+    nothing = choices.index("Nothing")
+    # run(p, x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type, z_values,
+    #     z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
+    #     vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode)
+    script_args = [x_type, ", ".join(f"{v:g}" for v in values), [], nothing, "", [], nothing, "", [],
+                   True, True, False, False, False, False, False, 0, False]
+    data = forge.txt2img_ok("(b) XYZ over [VSF] Alpha", script_name="x/y/z plot", script_args=script_args)
+    texts = infotexts(data)
+    images = data["images"]
+    # grid first, then one image per value (include_lone_images)
+    assert len(images) == 1 + len(values), f"{len(images)} images for {len(values)} values"
+    cells = texts[1:1 + len(values)]
+    assert len(cells) == len(values), texts
+    keys = vsf_keys()
+    got = [infotext_value(t, keys["alpha"]) for t in cells]
+    assert [float(g) if g is not None else None for g in got] == pytest.approx(values), got
+    pixels = [_decode(b).astype(int) for b in images[1:]]
+    for i in range(len(values)):
+        for j in range(i + 1, len(values)):
+            assert (pixels[i] != pixels[j]).any(), f"alpha {values[i]} and {values[j]} gave the same image"
+
+
+@pytest.mark.parametrize("bad", [
+    {"enabled": True, "method": "vsf", "alpha": "banana"},
+    {"enabled": True, "method": "vsf", "alpha": -1},
+    {"enabled": True, "method": "not-a-method"},
+], ids=["alpha-not-number", "alpha-negative", "unknown-method"])
+def test_d_bad_value_is_a_clear_error(forge, bad):
+    status, data = forge.txt2img(f"(d) bad value {bad}", alwayson_scripts={SCRIPT_TITLE: {"args": [bad]}})
+    assert status >= 400, f"bad value accepted: HTTP {status}"
+    message = json.dumps(data) if not isinstance(data, str) else data
+    assert "VSF" in message or "Value Sign Flip" in message, message
+    field = "method" if "method" in bad and bad["method"] != "vsf" else "alpha"
+    assert field in message.lower(), f"error does not name {field!r}: {message}"
+
+
+def test_d_next_call_after_errors_is_unaffected(forge):
+    # a bad positional list too, then a good VSF call must equal (a) and an unguided call the baseline
+    bad = _vsf_positional(forge, "x", 0.2)
+    status, data = forge.txt2img("(d) bad positional alpha", alwayson_scripts={SCRIPT_TITLE: {"args": bad}})
+    assert status >= 400 and "alpha" in json.dumps(data).lower(), (status, data)
+    good = forge.txt2img_ok("(d) VSF dict after errors", alwayson_scripts={
+        SCRIPT_TITLE: {"args": [{"enabled": True, "method": "vsf", "alpha": 3.3, "beta": 0.2}]}})
+    _assert_vsf_infotext(infotexts(good)[0], 3.3, 0.2)
+    earlier = forge.results.get("dict")
+    if earlier is not None:
+        assert (_decode(good["images"][0]) == _decode(earlier["images"][0])).all(), \
+            "VSF after a failed request differs from the same VSF request before it"
+
+
+def test_c_unguided_after_vsf_is_bit_identical(forge):
+    base = _decode(forge.baseline["images"][0])
+    plain = forge.txt2img_ok("(c) unguided after VSF calls")
+    assert "VSF" not in infotexts(plain)[0]
+    assert (_decode(plain["images"][0]) == base).all(), "unguided image changed after VSF calls"
+    off = forge.txt2img_ok("(c) extension disabled (args [false])", alwayson_scripts={SCRIPT_TITLE: {"args": [False]}})
+    assert "VSF" not in infotexts(off)[0]
+    assert (_decode(off["images"][0]) == base).all(), "disabled extension changed the image"
