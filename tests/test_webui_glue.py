@@ -202,3 +202,15 @@ def test_xyz_confirm_rejects_bad_values_before_the_grid_runs(host):
     option.confirm(None, [0.0, 0.5])
     with pytest.raises(VSFSettingsError):
         option.confirm(None, [0.1, -3.0])
+
+
+def test_a_new_generation_never_starts_on_top_of_live_patches(host):
+    # A host path that bypasses both the p.sample wrapper and postprocess (never seen; belt and braces).
+    stray = Processing(host)
+    stray.script_args = ON
+    host.run_hook("process", stray)
+    host.run_hook("process_before_every_sampling", stray)
+    assert ATTENTION_MODULE.attention is not HOST_ATTENTION
+    p = host.process_images(Processing(host), host.ui_defaults())  # VSF off for the next generation
+    assert ATTENTION_MODULE.attention is HOST_ATTENTION and not any(s["patched"] for s in p.trace)
+    assert stray.sd_model.undone == 1

@@ -41,6 +41,9 @@ UNSUPPORTED = ("VSF: {model} is not supported on this host yet; this image was g
 
 # The generation whose sampling runs now: the fallback for step callbacks that carry no `p`.
 _current: "weakref.ReferenceType[Generation] | None" = None
+# The generation whose pass holds patches right now (a strong reference on purpose: if a host ever
+# bypassed both the `p.sample` wrapper and `postprocess`, the next `start()` still undoes the pass).
+_patched: "Generation | None" = None
 
 
 class Generation:
@@ -101,6 +104,7 @@ class Generation:
         self.adapter = adapter
         self.passes += 1
         _current = weakref.ref(self)
+        _mark_patched(self)
         note = adapter.backend_note()
         if note:
             self.warn(note)
@@ -112,6 +116,7 @@ class Generation:
     def end_pass(self) -> None:
         """Undo everything the current pass changed (idempotent)."""
         ctx, self.ctx = self.ctx, None
+        _mark_patched(None, only_if=self)
         if ctx is None:
             return
         while ctx.undo:
@@ -163,6 +168,12 @@ class Generation:
             _current = None
 
 
+def _mark_patched(generation: "Generation | None", only_if: "Generation | None" = None) -> None:
+    global _patched
+    if only_if is None or _patched is only_if:
+        _patched = generation
+
+
 def _pass_negative_prompts(p: Any) -> list[str]:
     """Negative prompts of the images of the current batch, for the pass about to run."""
     prompts = None
@@ -185,6 +196,8 @@ def _refuse(error: Exception):
 def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
     """Script `process` hook: parse the arguments and set up the generation (module docstring)."""
     finish(p)  # a reused `p` (or a failed earlier run) starts clean
+    if _patched is not None:  # never start on top of another generation's live patches
+        _patched.end_pass()
     try:
         args = apply_overrides(parse_script_args(script_args), getattr(p, OVERRIDES_ATTR, None))
     except VSFSettingsError as exc:
