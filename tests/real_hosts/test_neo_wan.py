@@ -19,7 +19,8 @@ from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.neo_wan import NeoWanAdapter, patch_wan
-from vsf_host_setup import Recorder, heads_first, heads_last, host_modules, import_host, init_weights, make_run, negative_rows
+from vsf_host_setup import (Recorder, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
+                            negative_rows, stub_webui_shared)
 
 TEXT_DIM, HEADS, IMAGE_TOKENS = 48, 4, 257
 
@@ -177,3 +178,81 @@ def test_adapter_matches_wan_only(wan):
     assert NeoWanAdapter.matches(holder)
     holder.forge_objects.unet.model.diffusion_model = torch.nn.Linear(2, 2)
     assert not NeoWanAdapter.matches(holder)
+
+
+# -- Neo's own sampling code with the adapter's per-pass hook --------------------------------------------
+
+def make_p(wan, kind="t2v"):
+    """A WebUI model object around a tiny Wan, sampled through Neo's UnetPatcher/KModel."""
+    args = import_host("backend.args")
+    if args.dynamic_args.get("ops") is None:  # set by Neo's loader for a real checkpoint
+        args.dynamic_args["ops"] = ""
+    stub_webui_shared()
+    unet_patcher = import_host("backend.patcher.unet")
+    k_prediction = import_host("backend.modules.k_prediction")
+    model = build(wan, kind)
+    model.storage_dtype = model.computation_dtype = torch.float32
+    model.load_device = model.offload_device = model.initial_device = torch.device("cpu")
+    config = type("Config", (), {"sampling_settings": {"shift": 3.0}, "memory_usage_factor": 1.0})()
+    unet = unet_patcher.UnetPatcher.from_model(model, diffusers_scheduler=None, config=config,
+                                               k_predictor=k_prediction.PredictionDiscreteFlow(config))
+    p = type("P", (), {})()
+    p.sd_model = type("Engine", (), {})()
+    p.sd_model.forge_objects = type("F", (), {})()
+    p.sd_model.forge_objects.unet = unet
+    return p
+
+
+def sample_step(p, inp, cond_scale, uncond_context):
+    """One denoiser evaluation through Neo's real `sampling_function`, as its CFGDenoiser calls it."""
+    stub_webui_shared()
+    sampling = import_host("backend.sampling.sampling_function")
+    batch = inp["x"].shape[0]
+    denoiser = type("CFGDenoiser", (), {})()
+    denoiser.inner_model = type("Wrap", (), {})()
+    denoiser.inner_model.inner_model = p.sd_model
+    denoiser.p = type("P", (), {"seeds": [0]})()
+    params = type("CFGDenoiserParams", (), {})()
+    params.x, params.sigma, params.image_cond = inp["x"], torch.full((batch,), 0.7), None
+    params.text_cond, params.text_uncond = inp["context"], uncond_context
+    with torch.no_grad():
+        out = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
+    return (out[0] if isinstance(out, tuple) else out), params.sigma
+
+
+def test_neo_sampling_single_pass_appends_negative(wan):
+    from lib_vsf.settings import VSFSettings
+    from lib_vsf.state import GuidanceRun
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    p, inp = make_p(wan), inputs("t2v", 10)
+    negative = negative_rows([3, 5], TEXT_DIM)
+    run = GuidanceRun(VSFSettings(alpha=1.7, beta=0.2))
+    run.set_step(0, 4)
+    ctx = SamplingContext(run, negative, single_pass=True)
+    original_unet = p.sd_model.forge_objects.unet
+    NeoWanAdapter(p.sd_model).attach(p, ctx)
+    unet = p.sd_model.forge_objects.unet
+    assert unet is not original_unet
+    with patch_wan(wan, run):
+        denoised, sigma = sample_step(p, inp, 5.0, torch.zeros_like(inp["context"]))
+    assert run.calls == 2 and run.negative_len == 0  # one cond-only model call; text stream cleared after it
+    with reference_patch(wan, make_run(10, negative, 1.7, 0.2), 1.7, 0.2), torch.no_grad():
+        expected = unet.model.apply_model(inp["x"], sigma, c_crossattn=append_negative(inp["context"], negative),
+                                          transformer_options={})
+    torch.testing.assert_close(denoised, expected, atol=2e-5, rtol=1e-4)
+
+
+def test_neo_sampling_outside_the_window_is_the_plain_pass(wan):
+    from lib_vsf.settings import VSFSettings
+    from lib_vsf.state import GuidanceRun
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    p, inp = make_p(wan), inputs("t2v", 10, seed=6)
+    plain, _ = sample_step(p, inp, 1.0, inp["context"])
+    run = GuidanceRun(VSFSettings(start=0.5, end=1.0))
+    run.set_step(1, 4)
+    NeoWanAdapter(p.sd_model).attach(p, SamplingContext(run, negative_rows([3, 3], TEXT_DIM), single_pass=True))
+    with patch_wan(wan, run):
+        out, _ = sample_step(p, inp, 1.0, inp["context"])
+    assert torch.equal(out, plain) and run.calls == 0

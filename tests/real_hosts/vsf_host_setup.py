@@ -16,7 +16,7 @@ import pytest
 import torch
 
 # Top-level packages that belong to a host (and clash between Forge and Forge Neo).
-HOST_PACKAGES = ("backend", "modules_forge", "ldm_patched", "huggingface_guess", "gguf", "packages_3rdparty")
+HOST_PACKAGES = ("backend", "modules", "modules_forge", "ldm_patched", "huggingface_guess", "gguf", "packages_3rdparty")
 
 HOSTS = {
     # env var, extra sys.path entries (relative to the root), argv the host's arg parser needs on CPU
@@ -70,6 +70,23 @@ def import_host(name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         pytest.skip(f"host module {name} needs {exc.name} (pip install it to run this test)")
+
+
+def stub_webui_shared() -> None:
+    """Neo's `backend/sampling/condition.py` imports `modules.shared` (the WebUI settings, which pull in
+    gradio) without using it: give it an empty stand-in when the real one cannot load. `host_modules()`
+    removes it again on exit."""
+    import types
+
+    try:
+        importlib.import_module("modules.shared")
+    except Exception:  # noqa: BLE001 - gradio missing: not needed by the model code under test
+        for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
+            del sys.modules[name]
+        package = types.ModuleType("modules")
+        package.__path__ = []
+        package.shared = types.ModuleType("modules.shared")
+        sys.modules["modules"], sys.modules["modules.shared"] = package, package.shared
 
 
 def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> torch.nn.Module:
