@@ -47,3 +47,6 @@ class ValueSignFlipScript(scripts.Script):
 
 script_callbacks.on_cfg_denoiser(runner.on_cfg_denoiser)
 script_callbacks.on_before_ui(xyz.register_axes)
+# With --nowebui, Forge builds every script's ui() (xyz_grid fixes its axis list there) before the
+# on_before_ui callbacks run; xyz_grid.py (host scripts/) is loaded before extensions, so register now too.
+xyz.register_axes()
