@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_vsf.attention_reference import vsf_joint_reference
+from lib_vsf.attention_reference import nag_reference, nasa_reference, vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.settings import VSFSettings
@@ -53,7 +53,7 @@ def forward(model, inp, context):
         return model(inp["x"], inp["t"], y=inp["y"], context=context, control=None, transformer_options={})
 
 
-def reference_attention(mmditx, negative, alpha, beta):
+def reference_attention(mmditx, negative, alpha, beta, method="vsf", tau=2.5):
     """An independent stand-in for `mmditx.attention`: the dense-mask reference on joint calls."""
     original = mmditx.attention
     calls = []
@@ -66,7 +66,12 @@ def reference_attention(mmditx, negative, alpha, beta):
         qh, kh, vh = (t.view(b, length, heads, width // heads).transpose(1, 2) for t in (q, k, v))
         layout = text_layout(POSITIVE_LEN, negative.length, offset=0, total=length, negative_mask=negative.mask)
         calls.append(length)
-        out = vsf_joint_reference(qh, kh, vh, layout, alpha, beta)
+        if method == "vsf":
+            out = vsf_joint_reference(qh, kh, vh, layout, alpha, beta)
+        elif method == "nag":
+            out = nag_reference(qh, kh, vh, layout, alpha, beta, tau, cross=False)
+        else:
+            out = nasa_reference(qh, kh, vh, layout, alpha, cross=False)
         return out.transpose(1, 2).reshape(b, length, width)
 
     return AttributePatch().add(mmditx, "attention", attention), calls
@@ -86,6 +91,24 @@ def test_patched_forward_matches_reference_with_per_sample_negatives(forge):
     torch.testing.assert_close(guided, expected, atol=2e-5, rtol=1e-4)
     plain = forward(model, inp, inp["context"])
     assert (guided - plain).abs().max() > 1e-3  # guidance changed the result
+
+
+@pytest.mark.parametrize("preset", ["NAG Strong", "NASA"])
+def test_baseline_methods_match_their_references(forge, preset):
+    from lib_vsf.settings import from_preset
+
+    settings = from_preset(preset)
+    model, inp = build(forge), inputs()
+    negative = negative_rows([2, 5], CONTEXT_DIM)
+    context = append_negative(inp["context"], negative)
+    run = GuidanceRun(settings)
+    run.set_text(POSITIVE_LEN, negative)
+    with patch_mmdit_module(forge, run):
+        guided = forward(model, inp, context)
+    ref_patch, _ = reference_attention(forge, negative, settings.alpha, settings.beta, settings.method, settings.tau)
+    with ref_patch:
+        expected = forward(model, inp, context)
+    torch.testing.assert_close(guided, expected, atol=5e-5, rtol=1e-4)
 
 
 def test_batched_sample_equals_running_it_alone(forge):
