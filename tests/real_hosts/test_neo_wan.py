@@ -256,3 +256,46 @@ def test_neo_sampling_outside_the_window_is_the_plain_pass(wan):
     with patch_wan(wan, run):
         out, _ = sample_step(p, inp, 1.0, inp["context"])
     assert torch.equal(out, plain) and run.calls == 0
+
+
+def test_refiner_reloaded_as_a_new_model_keeps_the_negative(wan):
+    """Wan 2.2: Neo may load the low-noise expert as a new model in `apply_refiner`; the adapter installs
+    the same per-pass hook on it, so its steps stay guided (and single-pass)."""
+    import types
+
+    from lib_vsf.settings import VSFSettings
+    from lib_vsf.state import GuidanceRun
+    from lib_vsf.webui.hosts.base import SamplingContext
+    from lib_vsf.webui.hosts.neo_wan import _has_vsf_hook, follow_refiner
+
+    high, low = make_p(wan), make_p(wan)
+    init_weights(low.sd_model.forge_objects.unet.model.diffusion_model, seed=31)
+    loaded = {"model": high.sd_model}
+    common = types.ModuleType("sd_samplers_common_stand_in")
+
+    def apply_refiner(cfg_denoiser, x, sigma):  # Neo's reload path: a new model object becomes current
+        loaded["model"] = low.sd_model
+        return True
+
+    common.apply_refiner = apply_refiner
+    negative = negative_rows([3, 4], TEXT_DIM)
+    run = GuidanceRun(VSFSettings(alpha=1.7, beta=0.2))
+    run.set_step(2, 4)
+    ctx = SamplingContext(run, negative, single_pass=True)
+    NeoWanAdapter(high.sd_model).attach(high, ctx)
+    follow_refiner(common, high.sd_model, ctx, loaded_model=lambda fallback: loaded["model"])
+    assert not _has_vsf_hook(low.sd_model)
+    assert common.apply_refiner(None, None, None) is True
+    assert _has_vsf_hook(low.sd_model) and _has_vsf_hook(high.sd_model)
+
+    inp = inputs("t2v", 10, seed=8)
+    with patch_wan(wan, run):
+        denoised, sigma = sample_step(low, inp, 5.0, torch.zeros_like(inp["context"]))
+    assert run.calls == 2
+    with reference_patch(wan, make_run(10, negative, 1.7, 0.2), 1.7, 0.2), torch.no_grad():
+        expected = low.sd_model.forge_objects.unet.model.apply_model(
+            inp["x"], sigma, c_crossattn=append_negative(inp["context"], negative), transformer_options={})
+    torch.testing.assert_close(denoised, expected, atol=2e-5, rtol=1e-4)
+    for undo in reversed(ctx.undo):
+        undo()
+    assert common.apply_refiner is apply_refiner

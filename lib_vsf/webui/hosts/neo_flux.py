@@ -23,12 +23,14 @@ from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge
-from ._guided import batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo, split_mask_arg, warn_once
+from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
+                      split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext
 
 FLUX_MODULE = "backend.nn.flux"
 CHROMA_MODULE = "backend.nn.chroma"
-MODEL_CLASSES = ((FLUX_MODULE, "IntegratedFluxTransformer2DModel"), (CHROMA_MODULE, "IntegratedChromaTransformer2DModel"))
+MODEL_CLASSES = ((FLUX_MODULE, "IntegratedFluxTransformer2DModel"),
+                 (CHROMA_MODULE, "IntegratedChromaTransformer2DModel"))
 
 
 def check_flux_module(flux: ModuleType) -> None:

@@ -16,15 +16,15 @@ class-level names survive the swap, so both experts are guided.
 """
 from __future__ import annotations
 
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any, Sequence
 
 from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge
-from ._guided import (CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
-                      split_mask_arg)
+from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
+                      guided_call, is_forge_neo, split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext, real_length
 
 WAN_MODULE = "backend.nn.wan"
@@ -88,6 +88,48 @@ def patch_wan(wan: ModuleType, run: GuidanceRun) -> AttributePatch:
             .add(i2v, "forward", CROSS_SCOPE.wrap(i2v.forward, _i2v_scope)))
 
 
+def _has_vsf_hook(sd_model: Any) -> bool:
+    """The model's current UnetPatcher already carries the per-pass hook of `_forge.attach_forge`."""
+    unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
+    wrapper = getattr(unet, "model_options", {}).get("model_function_wrapper")
+    return getattr(wrapper, "__name__", "") == "vsf_model_function_wrapper"
+
+
+def _loaded_model(fallback: Any) -> Any:
+    try:
+        from modules import sd_models  # type: ignore[import-not-found]
+        return sd_models.model_data.get_sd_model()
+    except Exception:  # noqa: BLE001
+        return fallback
+
+
+def follow_refiner(sd_samplers_common: ModuleType, sd_model: Any, ctx: SamplingContext,
+                   loaded_model=_loaded_model) -> None:
+    """Wrap Neo's `sd_samplers_common.apply_refiner(cfg_denoiser, x, sigma)` for this sampling pass
+    (undone by the runner): when it switched to a refiner that is a new model object (Wan 2.2's
+    low-noise expert loaded by checkpoint reload), install the same per-pass hook on that model's
+    UnetPatcher, so the negative keeps reaching the text stream. The fast state-dict swap keeps the
+    model object (and the hook): nothing to do. A refiner of another family is left alone."""
+    original = getattr(sd_samplers_common, "apply_refiner", None)
+    if not callable(original):
+        return
+
+    def apply_refiner(cfg_denoiser, x, sigma, *args, **kwargs):
+        switched = original(cfg_denoiser, x, sigma, *args, **kwargs)
+        if switched:
+            refiner = loaded_model(sd_model)
+            if refiner is not None and not _has_vsf_hook(refiner) and NeoWanAdapter.matches(refiner):
+                try:
+                    _forge.attach_forge(SimpleNamespace(sd_model=refiner), ctx)
+                except Exception as exc:  # noqa: BLE001 - never break the generation over guidance
+                    warn_once("neo-wan-refiner", f"could not guide the refiner model ({exc}); it runs without VSF.")
+        return switched
+
+    apply_refiner.__vsf_original__ = original
+    patch = AttributePatch().add(sd_samplers_common, "apply_refiner", apply_refiner).apply()
+    ctx.add_undo(patch.restore)
+
+
 class NeoWanAdapter(HostAdapter):
     """Forge Neo Wan 2.1/2.2 (T2V, I2V, both Wan 2.2 experts): VSF in the text cross-attention."""
 
@@ -120,8 +162,14 @@ class NeoWanAdapter(HostAdapter):
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         """Neo keeps Forge's sampling hooks; the negative joins `c_crossattn` after the 512 positive
-        UMT5 positions (I2V image tokens travel separately as `clip_fea`)."""
+        UMT5 positions (I2V image tokens travel separately as `clip_fea`). Also follows a Wan 2.2
+        low-noise expert that Neo loads as a new model mid-sampling (`follow_refiner`)."""
         _forge.attach_forge(p, ctx)
+        try:
+            from modules import sd_samplers_common  # type: ignore[import-not-found]
+        except Exception:  # noqa: BLE001 - no WebUI (tests, other hosts): nothing to follow
+            return
+        follow_refiner(sd_samplers_common, self.sd_model, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_wan(self._module(), run)

@@ -23,7 +23,8 @@ from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge
-from ._guided import CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, split_mask_arg
+from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
+                      guided_call, split_mask_arg)
 from .base import HostAdapter, SamplingContext, real_length
 
 MMDIT_MODULE = "ldm_patched.ldm.modules.diffusionmodules.mmdit"

@@ -41,8 +41,8 @@ from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge
-from ._guided import (CallScope, check_attention_function, ScopeState, batch_fits, class_is, diffusion_model, guided_call, is_forge_neo,
-                      split_mask_arg)
+from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
+                      guided_call, is_forge_neo, split_mask_arg)
 from .base import HostAdapter, SamplingContext, append_negative, real_length
 
 CHUNK_TOKENS = 75  # prompt tokens per CLIP chunk; a chunk is BOS + 75 + EOS = 77 positions
@@ -93,8 +93,8 @@ def clip_engine(sd_model: Any) -> Any:
     `(chunks, token_count)`, `chunk.tokens` with BOS/EOS, `id_end`) for a WebUI model: Forge/Neo
     `text_processing_engine[_l|_g]`, A1111/reForge `cond_stage_model` (SD1/2) or the SDXL
     conditioner's CLIP embedders. SDXL's CLIP-L and CLIP-G chunk a prompt identically."""
-    candidates = [getattr(sd_model, name, None) for name in
-                  ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g", "cond_stage_model")]
+    names = ("text_processing_engine", "text_processing_engine_l", "text_processing_engine_g", "cond_stage_model")
+    candidates = [getattr(sd_model, name, None) for name in names]
     candidates += list(getattr(getattr(sd_model, "conditioner", None), "embedders", None) or [])
     for engine in candidates:
         if engine is not None and callable(getattr(engine, "tokenize_line", None)) and hasattr(engine, "id_end"):
