@@ -20,11 +20,14 @@ from lib_vsf.webui import ui
 from lib_vsf.webui.args import UI_ARGS, parse_script_args
 
 
-class InputAccordion(gr.Checkbox):
-    """Stand-in for modules.ui_components.InputAccordion: checkbox value, accordion context."""
+class InputAccordion:
+    """Stand-in for modules.ui_components.InputAccordion: a hidden checkbox holding the enable flag,
+    entered as the accordion it opens. (Not a gr.Checkbox subclass: gradio 4 writes a .pyi file next
+    to the source of every component subclass; the hosts patch that out, plain gradio does not.)"""
 
     def __init__(self, value, label=None, elem_id=None, **kwargs):
-        super().__init__(value=value, label=label, elem_id=elem_id, visible=False, **kwargs)
+        self.checkbox = gr.Checkbox(value=value, label=label, elem_id=elem_id, visible=False, **kwargs)
+        self.value, self.label = value, label
         self.accordion = gr.Accordion(label=label, open=bool(value))
 
     def __enter__(self):
