@@ -13,9 +13,13 @@ if _ROOT not in sys.path:
 import gradio as gr  # noqa: E402
 
 from modules import script_callbacks, scripts  # noqa: E402
-from modules.ui_components import InputAccordion  # noqa: E402
 
 from lib_vsf.webui import runner, ui, xyz  # noqa: E402
+
+try:
+    from modules.ui_components import InputAccordion
+except ImportError:  # a host without InputAccordion: an accordion with an "Enable" checkbox
+    InputAccordion = ui.fallback_accordion(gr)
 
 
 class ValueSignFlipScript(scripts.Script):

@@ -49,3 +49,13 @@ def test_preset_for_keeps_a_matching_name_and_reports_custom_otherwise():
     assert ui.preset_for("VSF", 3.8, 0.2, "Custom") == "VSF Strong"
     assert ui.preset_for("VSF", 3.9, 0.2, "VSF Strong") == "Custom"
     assert ui.preset_values("Custom", "NASA", 0.3, 0.0) == ("NASA", 0.3, 0.0)
+
+
+def test_fallback_accordion_for_hosts_without_input_accordion():
+    with host_double() as host:
+        gr = host.modules["gradio"]
+        with gr.Blocks():
+            parts = ui.build(gr, ui.fallback_accordion(gr), is_img2img=False)
+        enabled = parts.components[0]
+        assert type(enabled).__name__ == "Checkbox" and enabled.value is False
+        assert enabled.label == "Enable Value Sign Flip" and enabled.elem_id == "vsf_txt2img_enabled-checkbox"

@@ -105,6 +105,28 @@ def build(gr: Any, input_accordion: Any, is_img2img: bool) -> UIParts:
     return UIParts(components, fields, by_name)
 
 
+def fallback_accordion(gr: Any):
+    """An `InputAccordion` substitute for hosts without `modules.ui_components.InputAccordion`: a
+    closed accordion holding an "Enable" checkbox, which is the value the script receives."""
+
+    class CheckboxAccordion:
+        def __init__(self, value, label=None, elem_id=None, **kwargs):
+            self.value, self.label, self.elem_id = value, label, elem_id
+            self.accordion = gr.Accordion(label=label, open=False, elem_id=elem_id)
+            self.checkbox = None
+
+        def __enter__(self):
+            self.accordion.__enter__()
+            self.checkbox = gr.Checkbox(value=self.value, label=f"Enable {self.label}",
+                                        elem_id=f"{self.elem_id}-checkbox" if self.elem_id else None)
+            return self.checkbox
+
+        def __exit__(self, *exc):
+            return self.accordion.__exit__(*exc)
+
+    return CheckboxAccordion
+
+
 def _wire_events(gr: Any, c: dict[str, Any]) -> None:
     """Preset fills method/alpha/beta; moving those away from the preset's numbers shows `Custom`."""
 
