@@ -50,6 +50,7 @@ class UIParts:
 
 
 def elem_id(name: str, is_img2img: bool) -> str:
+    """`vsf_<tab>_<control>`: the element id the tooltips (javascript/vsf_tooltips.js) key on."""
     return f"{ELEM_PREFIX}_{'img2img' if is_img2img else 'txt2img'}_{name}"
 
 

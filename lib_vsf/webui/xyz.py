@@ -33,10 +33,12 @@ AXES: tuple[tuple[str, str, type], ...] = (
 
 
 def method_choices() -> list[str]:
+    """Values offered by the `[VSF] Method` axis."""
     return [*METHOD_LABELS.values(), OFF]
 
 
 def preset_choices() -> list[str]:
+    """Values offered by the `[VSF] Preset` axis."""
     return [*PRESETS]
 
 
