@@ -214,3 +214,18 @@ def test_a_new_generation_never_starts_on_top_of_live_patches(host):
     p = host.process_images(Processing(host), host.ui_defaults())  # VSF off for the next generation
     assert ATTENTION_MODULE.attention is HOST_ATTENTION and not any(s["patched"] for s in p.trace)
     assert stray.sd_model.undone == 1
+
+
+def test_bad_request_error_is_an_http_422_where_fastapi_exists(monkeypatch):
+    import sys
+    import types
+
+    class HTTPException(Exception):  # fastapi.HTTPException's shape (status_code, detail)
+        def __init__(self, status_code, detail=None, headers=None):
+            super().__init__(status_code, detail)
+            self.status_code, self.detail = status_code, detail
+
+    monkeypatch.setitem(sys.modules, "fastapi", types.SimpleNamespace(HTTPException=HTTPException))
+    error = runner.argument_error("Value Sign Flip: VSF alpha must be a number, got 'banana'")
+    assert isinstance(error, VSFSettingsError) and isinstance(error, HTTPException)
+    assert error.status_code == 422 and str(error) == error.detail == "Value Sign Flip: VSF alpha must be a number, got 'banana'"

@@ -193,6 +193,27 @@ def _refuse(error: Exception):
     return sample
 
 
+def argument_error(message: str) -> VSFSettingsError:
+    """The error a bad request fails with. On the hosts (FastAPI present) it is also an
+    `HTTPException` with status 422, so `/sdapi/v1/*` answers "422, detail: <message>" through the
+    host's own exception handler instead of a 500 with a server-side traceback; in the UI it reads
+    as the message."""
+    try:
+        from fastapi import HTTPException  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - no FastAPI (tests, CLI): a plain settings error
+        return VSFSettingsError(message)
+
+    class VSFRequestError(VSFSettingsError, HTTPException):
+        def __init__(self, text: str):
+            HTTPException.__init__(self, status_code=422, detail=text)
+            self.args = (text,)
+
+        def __str__(self) -> str:
+            return str(self.detail)
+
+    return VSFRequestError(message)
+
+
 def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
     """Script `process` hook: parse the arguments and set up the generation (module docstring)."""
     finish(p)  # a reused `p` (or a failed earlier run) starts clean
@@ -202,7 +223,7 @@ def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
         args = apply_overrides(parse_script_args(script_args), getattr(p, OVERRIDES_ATTR, None))
     except VSFSettingsError as exc:
         log.error("[VSF] %s", exc)
-        refusal = AttributePatch().add(p, "sample", _refuse(VSFSettingsError(f"Value Sign Flip: {exc}"))).apply()
+        refusal = AttributePatch().add(p, "sample", _refuse(argument_error(f"Value Sign Flip: {exc}"))).apply()
         setattr(p, GENERATION_ATTR, refusal)
         return None
     if not args.enabled:
