@@ -57,7 +57,7 @@ def host_modules(host: str):
             args_parser.args, _ = args_parser.parser.parse_known_args()
         yield root
     finally:
-        for name in [n for n in sys.modules if _is_host_module(n)]:
+        for name in [n for n in sys.modules if _is_host_module(n) or _is_stub(n)]:
             del sys.modules[name]
         sys.modules.update(saved_modules)
         sys.path[:] = saved_path
@@ -70,6 +70,10 @@ def import_host(name: str):
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         pytest.skip(f"host module {name} needs {exc.name} (pip install it to run this test)")
+
+
+def _is_stub(name: str) -> bool:
+    return getattr(sys.modules.get(name), "__vsf_stub__", False)
 
 
 def stub_webui_shared() -> None:
