@@ -186,3 +186,79 @@ def test_adapter_matches(host):
     else:
         # Forge vs Neo is told apart by modules_forge/forge_version.py, importable here from the checkout.
         assert matching == ["NeoUNetAdapter" if host.name == "neo" else "ForgeUNetAdapter"]
+
+
+# -- the host's own sampling code with the adapter's per-pass hook (Forge, Neo) ------------------------------
+
+def make_p(host):
+    """A WebUI model object around the tiny UNet, sampled through the host's UnetPatcher/KModel."""
+    from vsf_host_setup import stub_webui_shared
+
+    if host.name == "neo":
+        args = import_host("backend.args")
+        if args.dynamic_args.get("ops") is None:  # set by Neo's loader for a real checkpoint
+            args.dynamic_args["ops"] = ""
+        stub_webui_shared()
+    unet_patcher = import_host("backend.patcher.unet")
+    k_prediction = import_host("backend.modules.k_prediction")
+    model = host.build(seed=9)
+    model.storage_dtype = model.computation_dtype = torch.float32
+    model.load_device = model.offload_device = model.initial_device = torch.device("cpu")
+    config = type("Config", (), {"sampling_settings": {"shift": 3.0}, "memory_usage_factor": 1.0})()
+    if host.name == "neo":
+        predictor = k_prediction.PredictionDiscreteFlow(config)
+    else:
+        predictor = k_prediction.PredictionDiscreteFlow(shift=3.0)
+    unet = unet_patcher.UnetPatcher.from_model(model, diffusers_scheduler=None, config=config, k_predictor=predictor)
+    p = type("P", (), {})()
+    p.sd_model = type("Engine", (), {})()
+    p.sd_model.forge_objects = type("F", (), {})()
+    p.sd_model.forge_objects.unet = unet
+    return p
+
+
+def sample_step(p, inp, cond_scale, uncond_context):
+    """One denoiser evaluation through the host's real `sampling_function`, as its CFGDenoiser calls it."""
+    sampling = import_host("backend.sampling.sampling_function")
+    batch = inp["x"].shape[0]
+    denoiser = type("CFGDenoiser", (), {})()
+    denoiser.inner_model = type("Wrap", (), {})()
+    denoiser.inner_model.inner_model = p.sd_model
+    denoiser.p = type("P", (), {"seeds": [0]})()
+    params = type("CFGDenoiserParams", (), {})()
+    params.x, params.sigma, params.image_cond = inp["x"], torch.full((batch,), 0.7), None
+    params.text_cond, params.text_uncond = inp["context"], uncond_context
+    with torch.no_grad():
+        out = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
+    return (out[0] if isinstance(out, tuple) else out), params.sigma
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_host_sampling_appends_negative_to_conditional_rows(host, single_pass):
+    if host.name == "reforge":
+        pytest.skip("reForge's sampler imports the WebUI (gradio); its UNet attention is covered above")
+    from lib_vsf.settings import VSFSettings
+    from lib_vsf.state import GuidanceRun
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    p, inp = make_p(host), inputs(77, seed=10)
+    negative = negative_rows([3, 6], CONTEXT_DIM)
+    run = GuidanceRun(VSFSettings(alpha=3.0, beta=0.2))
+    run.set_step(0, 4)
+    host.adapter(p.sd_model).attach(p, SamplingContext(run, negative, single_pass=single_pass))
+    unet = p.sd_model.forge_objects.unet
+    uncond_context = torch.randn_like(inp["context"])
+    with patch_unet(host.attention, host.attention_name, run):
+        denoised, sigma = sample_step(p, inp, 4.0, uncond_context)
+    assert run.negative_len == 0
+    reference_run = make_run(77, negative, 3.0, 0.2)
+    with torch.no_grad():
+        with reference_patch(unet.model.diffusion_model, reference_run, 3.0, 0.2):
+            cond = unet.model.apply_model(inp["x"], sigma, c_crossattn=append_negative(inp["context"], negative),
+                                          transformer_options={})
+        if single_pass:
+            expected = cond
+        else:  # CFG kept: uncond rows run exactly unguided
+            uncond = unet.model.apply_model(inp["x"], sigma, c_crossattn=uncond_context, transformer_options={})
+            expected = uncond + (cond - uncond) * 4.0
+    torch.testing.assert_close(denoised, expected, atol=1e-4, rtol=1e-4)
