@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import inspect
 import logging
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ import torch
 
 from ...attention import cross_attention, joint_attention
 from ...layout import TokenLayout
+from ...patching import PatchError, check_callable
 from ...state import GuidanceRun
 
 log = logging.getLogger("vsf")
@@ -165,10 +167,6 @@ def check_attention_function(owner: Any, name: str, keywords: tuple[str, ...] = 
     """`owner.name` if it is an attention function `(q, k, v, heads, ...)` accepting `keywords` by
     name, else PatchError. The first four parameters are checked by position only: hosts pick the
     implementation at start-up and some spell them `query, key, value` (Forge's sub-quadratic kernel)."""
-    import inspect
-
-    from ...patching import PatchError, check_callable
-
     target = check_callable(owner, name, keywords)
     try:
         params = list(inspect.signature(target).parameters.values())

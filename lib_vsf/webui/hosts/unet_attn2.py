@@ -97,7 +97,7 @@ def clip_engine(sd_model: Any) -> Any:
     candidates = [getattr(sd_model, name, None) for name in names]
     candidates += list(getattr(getattr(sd_model, "conditioner", None), "embedders", None) or [])
     for engine in candidates:
-        if engine is not None and callable(getattr(engine, "tokenize_line", None)) and hasattr(engine, "id_end"):
+        if callable(getattr(engine, "tokenize_line", None)) and getattr(engine, "id_end", None) is not None:
             return engine
     raise PatchError("no CLIP tokenizer with tokenize_line/id_end on this model (host version not supported)")
 
