@@ -229,3 +229,39 @@ def test_bad_request_error_is_an_http_422_where_fastapi_exists(monkeypatch):
     error = runner.argument_error("Value Sign Flip: VSF alpha must be a number, got 'banana'")
     assert isinstance(error, VSFSettingsError) and isinstance(error, HTTPException)
     assert error.status_code == 422 and str(error) == error.detail == "Value Sign Flip: VSF alpha must be a number, got 'banana'"
+
+
+def test_forge_wrapper_runs_a_call_plain_when_rows_do_not_map_onto_images():
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib_vsf.state import GuidanceRun, NegativeText
+    from lib_vsf.webui.hosts._forge import attach_forge
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    class Patcher:  # Forge's UnetPatcher, as far as attach_forge uses it
+        def __init__(self):
+            self.model_options = {}
+
+        def clone(self):
+            return Patcher()
+
+        def set_model_unet_function_wrapper(self, fn):
+            self.model_options["model_function_wrapper"] = fn
+
+        def add_conditioning_modifier(self, fn):
+            self.model_options.setdefault("conditioning_modifiers", []).append(fn)
+
+    p = SimpleNamespace(sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=Patcher())))
+    negative = NegativeText.from_sequences([torch.ones(2, 4), torch.ones(3, 4)])  # two images
+    run = GuidanceRun(VSFSettings())
+    attach_forge(p, SamplingContext(run, negative, single_pass=True))
+    wrapper = p.sd_model.forge_objects.unet.model_options["model_function_wrapper"]
+    seen = []
+    apply_model = lambda x, t, **c: seen.append(c["c_crossattn"].shape) or x  # noqa: E731
+    wrapper(apply_model, {"input": "x", "timestep": "t", "c": {"c_crossattn": torch.zeros(3, 5, 4)}, "cond_or_uncond": [0]})
+    wrapper(apply_model, {"input": "x", "timestep": "t", "c": {"c_crossattn": torch.zeros(2, 5, 4)}, "cond_or_uncond": [0]})
+    assert seen == [torch.Size([3, 5, 4]), torch.Size([2, 8, 4])]  # 3 rows for 2 images: plain; 2 rows: guided
+    modifier = p.sd_model.forge_objects.unet.model_options["conditioning_modifiers"][0]
+    assert modifier("m", "x", "t", "uncond", "cond", 7.0, {}, 0) == ("m", "x", "t", None, "cond", 1.0, {}, 0)

@@ -26,6 +26,7 @@ import torch
 
 from ...state import NegativeText
 from ...settings import VSFSettings
+from ._guided import warn_once
 from .base import COND, SamplingContext, append_negative, extrapolate_negative, real_length
 
 CLIP_CHUNK = 77
@@ -125,10 +126,13 @@ def attach_forge(p: Any, ctx: SamplingContext) -> None:
         c = dict(args["c"])
         kinds = list(args.get("cond_or_uncond") or [])
         context = c.get("c_crossattn")
-        guided = (isinstance(context, torch.Tensor) and ctx.guided_now()
-                  and (not kinds or COND in kinds))
-        if guided:
-            negative = ctx.negative_for_chunks(kinds, context.shape[0])
+        negative = None
+        if isinstance(context, torch.Tensor) and ctx.guided_now() and (not kinds or COND in kinds):
+            try:
+                negative = ctx.negative_for_chunks(kinds, context.shape[0])
+            except ValueError as exc:  # rows that do not map onto the batch's images: run this call plain
+                warn_once("forge-rows", f"model call without VSF: {exc}")
+        if negative is not None:
             c["c_crossattn"] = append_negative(context, negative)
             run.set_text(context.shape[1], negative)
         else:
