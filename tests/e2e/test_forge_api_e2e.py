@@ -16,11 +16,13 @@ repository symlinked as <forge>/extensions/sd-webui-vsf (removed afterwards) and
 
 Checks (the issue's a-d):
   a. `alwayson_scripts["Value Sign Flip"]` as a positional list and as one dict runs VSF: the infotext
-     carries the VSF keys, the image differs from the unguided one, and both forms give the same image.
+     carries the VSF keys, the image differs from the unguided one, and both forms give the same image;
+     with hires fix on, the second pass runs guided too (image differs from unguided hires).
   b. X/Y/Z plot over `[VSF] Alpha` gives one image per value, each with its alpha in the infotext.
   c. after VSF calls, a call without the extension (and one with it disabled) reproduces, bit for bit,
      the unguided image made before any VSF call.
   d. bad API values give an HTTP error whose message names the problem; the next calls are unaffected.
+  z. the server log holds no error report or traceback that involves the extension.
 """
 from __future__ import annotations
 
@@ -327,6 +329,23 @@ def test_a_vsf_runs_from_api(forge, form):
         assert (_decode(other["images"][0]) == img).all(), "positional and dict forms gave different images"
 
 
+# Forge's API leaves hr_additional_modules None unless sent, and its sample() then fails with
+# "argument of type 'NoneType' is not iterable" (host bug, with or without the extension).
+HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
+         "denoising_strength": 0.5, "hr_additional_modules": ["Use same choices"]}
+
+
+def test_a_hires_fix_pass_is_guided_too(forge):
+    """Forge calls process_before_every_sampling again for the hires pass (96x96 here)."""
+    plain = forge.txt2img_ok("(a) hires fix, unguided", **HIRES)
+    guided = forge.txt2img_ok("(a) hires fix, VSF dict", **HIRES, alwayson_scripts={
+        SCRIPT_TITLE: {"args": [{"enabled": True, "method": "vsf", "alpha": 3.3, "beta": 0.2}]}})
+    _assert_vsf_infotext(infotexts(guided)[0], 3.3, 0.2)
+    a, b = _decode(plain["images"][0]), _decode(guided["images"][0])
+    assert a.shape == b.shape == (96, 96, 3), (a.shape, b.shape)
+    assert (a != b).any(), "VSF hires image equals the unguided hires image"
+
+
 def test_b_xyz_over_alpha(forge):
     values = [1.5, 3.3, 6.0]
     entry = script_info(forge, "x/y/z plot")
@@ -394,3 +413,36 @@ def test_c_unguided_after_vsf_is_bit_identical(forge):
     off = forge.txt2img_ok("(c) extension disabled (args [false])", alwayson_scripts={SCRIPT_TITLE: {"args": [False]}})
     assert "VSF" not in infotexts(off)[0]
     assert (_decode(off["images"][0]) == base).all(), "disabled extension changed the image"
+
+
+EXTENSION_MARKERS = re.compile(r"lib_vsf|sd-webui-vsf|scripts/vsf\.py|value sign flip|\[VSF\]|VSFSettingsError", re.I)
+KNOWN_HOST_NOISE = "Failed reading extension data from Git repository"  # symlinked checkout has no `origin`
+
+
+def extension_errors(log_text: str) -> list[str]:
+    """Error reports (`*** ...` blocks, tracebacks) in a host log that involve the extension."""
+    lines = log_text.splitlines()
+    segments, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("*** ") or "Traceback (most recent call last)" in line:
+            seg = [lines[i - 1]] if i and not line.startswith("*** ") else []
+            seg.append(line)
+            i += 1
+            while i < len(lines) and (lines[i].startswith((" ", "\t")) or lines[i] == ""):
+                seg.append(lines[i])
+                i += 1
+            if i < len(lines) and not lines[i].startswith("*** "):
+                seg.append(lines[i])  # the exception line of an unindented traceback
+            segments.append("\n".join(seg))
+            continue
+        i += 1
+    return [s for s in segments if EXTENSION_MARKERS.search(s) and KNOWN_HOST_NOISE not in s]
+
+
+def test_z_server_log_has_no_extension_errors(forge):
+    """Host hooks swallow exceptions (`*** Error running process: ...`): a broken hook would only show
+    in the log."""
+    with open(forge.log_path, "r", errors="replace") as f:
+        bad = extension_errors(f.read())
+    assert not bad, "extension errors in the server log:\n" + "\n---\n".join(b[:3000] for b in bad)
