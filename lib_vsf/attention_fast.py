@@ -129,8 +129,9 @@ def _order_for(device: torch.device) -> tuple[str, ...]:
 
 
 def reset_backend_cache() -> None:
-    """Forget the cached backend choices (tests, or after changing VSF_ATTENTION_BACKEND)."""
+    """Forget the cached backend choices (tests, or after changing VSF_ATTENTION_BACKEND / VSF_TRITON)."""
     _CHOSEN.clear()
+    _TRITON_OK.clear()
 
 
 def _works(fn, device, dtype, head_dim) -> bool:
@@ -259,6 +260,98 @@ def _padding_mask(layout: TokenLayout, batch: int, device) -> torch.Tensor | Non
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Optional fused Triton kernels (attention_triton.py)
+#
+# Used for CUDA tensors in bf16/fp16/fp32 when `import triton` works and the kernel passes a check
+# against the float32 torch math on a tiny problem (once per device, dtype, head_dim and kernel, cached).
+# VSF_TRITON=0 disables them; VSF_TRITON=1 skips the check and, with TRITON_INTERPRET=1, also runs them
+# on CPU tensors through Triton's interpreter (tests). Any failure falls back to the torch path.
+
+_TRITON_OK: dict[tuple, bool] = {}
+_OFF = ("0", "off", "false", "no")
+_ON = ("1", "on", "true", "yes", "force")
+
+
+def _triton_module():
+    try:
+        from . import attention_triton
+    except Exception:  # noqa: BLE001
+        return None
+    return attention_triton if attention_triton.AVAILABLE else None
+
+
+def _triton_check(mod, kind: str, device, dtype, head_dim: int) -> bool:
+    """Does the Triton kernel `kind` agree with the float32 torch math on small problems here?"""
+    if kind == "n0" and dtype == torch.float32:
+        return False  # tensor-core dots: 16-bit inputs only (see attention_triton)
+    g = torch.Generator().manual_seed(4321)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
+    try:
+        valids = (None, torch.tensor([[True, False, True, True, False], [False] * 5], device=device))
+        if kind == "merge":
+            q, k, v = rnd(2, 3, 67, head_dim), rnd(2, 3, 11, head_dim), rnd(2, 3, 11, head_dim)
+            k_n, v_n = rnd(2, 3, 5, head_dim), rnd(2, 3, 5, head_dim)
+            o, lse = chunked_attention_lse(q, k, v, 0.3)
+            for valid in valids:
+                got = mod.image_rows_vsf(o, lse, q, k_n, v_n, 2.5, 0.2, valid, 0.3)
+                want = _merge_block(o.float(), lse, q.float(), k_n, v_n, -2.5, 0.2, valid, 0.3)
+                if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+                    return False
+        else:
+            q, k, v = rnd(2, 3, 90, head_dim), rnd(2, 3, 90, head_dim), rnd(2, 3, 90, head_dim)
+            pos, neg = slice(30, 50), slice(80, 85)
+            for valid in valids:
+                got = mod.negative_rows(q[:, :, neg], k, v, pos, neg, valid, 0.3)
+                keys = torch.ones(2, 90, dtype=torch.bool, device=device)
+                keys[:, pos] = False
+                if valid is not None:
+                    keys[:, neg] &= valid
+                s = torch.matmul(q[:, :, neg].float(), k.float().transpose(-1, -2)) * 0.3
+                s = s.masked_fill(~keys[:, None, None, :], float("-inf"))
+                want = torch.matmul(torch.softmax(s, -1), v.float())
+                if not torch.allclose(got.float(), want, atol=tol, rtol=tol):
+                    return False
+        return True
+    except Exception:  # noqa: BLE001 - a kernel that fails to build or run is not used
+        return False
+
+
+def _triton_kernel(kind: str, q: torch.Tensor, supported: Callable):
+    """The attention_triton module if its `kind` kernel ("merge" or "n0") should serve `q`, else None."""
+    flag = os.environ.get("VSF_TRITON", "").strip().lower()
+    if flag in _OFF or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return None
+    forced = flag in _ON
+    if q.device.type != "cuda" and not (forced and os.environ.get("TRITON_INTERPRET", "") == "1"):
+        return None
+    key = (kind, q.device.type, q.device.index, q.dtype, q.shape[-1])
+    ok = _TRITON_OK.get(key)
+    if ok is None:
+        mod = _triton_module()
+        ok = mod is not None and (forced or _triton_check(mod, kind, q.device, q.dtype, q.shape[-1]))
+        _TRITON_OK[key] = ok
+        if forced and not ok:
+            warnings.warn("VSF_TRITON is set but Triton is not usable here; using the torch path")
+    if not ok:
+        return None
+    mod = _triton_module()
+    return mod if supported(mod) else None
+
+
+def _triton_failed(kind: str, q: torch.Tensor, err: Exception) -> None:
+    warnings.warn(f"VSF: Triton {kind} kernel failed ({err!s:.200}); using the torch path")
+    _TRITON_OK[(kind, q.device.type, q.device.index, q.dtype, q.shape[-1])] = False
+
+
+def triton_status(device, dtype, head_dim: int) -> dict:
+    """Which Triton kernels the automatic choice would use here (bench reports)."""
+    probe = torch.empty(1, 1, 1, head_dim, device=device, dtype=dtype)
+    return {"merge": _triton_kernel("merge", probe, lambda m: True) is not None,
+            "n0": _triton_kernel("n0", probe, lambda m: True) is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Merges
 
 
@@ -289,6 +382,12 @@ def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=N
             return o_i
         dest.copy_(o_i)
         return dest
+    mod = _triton_kernel("merge", q_i, lambda m: m.supports_merge(q_i, k_n.shape[2]))
+    if mod is not None:  # one fused memory-bound kernel, float32 math, written straight into dest
+        try:
+            return mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest)
+        except Exception as err:  # noqa: BLE001
+            _triton_failed("merge", q_i, err)
     if valid is None:
         o_n, lse_n = attention_lse(q_i, k_n, v_n * (-alpha), scale)
         # Weight of the N1 block, 1 - W = A- / (A+ + A-), computed directly (not as 1 - W) so that it
@@ -367,9 +466,21 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
         _put(out, image, _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale))
 
     # N0 rows (few queries): one SDPA call over the whole sequence with an n x L key mask (no copies).
-    out[:, :, neg] = F.scaled_dot_product_attention(
-        q_n, k, v, attn_mask=_negative_rows_mask(layout, batch, device, valid), scale=scale)
+    _negative_rows_into(q_n, k, v, layout, valid, scale, out[:, :, neg])
     return out
+
+
+def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
+    """N0 rows into `dest`: the split-key Triton kernel where usable, else one masked SDPA call."""
+    mod = _triton_kernel("n0", q_n, lambda m: m.supports_negative_rows(q_n, q_n.shape[2]))
+    if mod is not None:
+        try:
+            return mod.negative_rows(q_n, k, v, layout.positive, layout.negative, valid, scale, dest)
+        except Exception as err:  # noqa: BLE001
+            _triton_failed("n0", q_n, err)
+    dest.copy_(F.scaled_dot_product_attention(
+        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid), scale=scale))
+    return dest
 
 
 def negative_rows(q, k, v, layout: TokenLayout, scale=None):
@@ -377,8 +488,15 @@ def negative_rows(q, k, v, layout: TokenLayout, scale=None):
     keys, one SDPA call with an n x L mask. Shared by VSF, NAG and NASA."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     valid = _padding_mask(layout, q.shape[0], q.device)
+    q_n = q[:, :, layout.negative]
+    mod = _triton_kernel("n0", q_n, lambda m: m.supports_negative_rows(q_n, q_n.shape[2]))
+    if mod is not None:
+        try:
+            return mod.negative_rows(q_n, k, v, layout.positive, layout.negative, valid, scale)
+        except Exception as err:  # noqa: BLE001
+            _triton_failed("n0", q_n, err)
     mask = _negative_rows_mask(layout, q.shape[0], q.device, valid)
-    return F.scaled_dot_product_attention(q[:, :, layout.negative], k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q_n, k, v, attn_mask=mask, scale=scale)
 
 
 def image_over_image_and_negative(q_img, k_img, v_img, k_neg, v_neg, layout: TokenLayout, scale=None):

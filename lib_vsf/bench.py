@@ -42,7 +42,7 @@ METHODS = {  # name -> Guidance used for the attention call and the forward
     "nag": Guidance("nag", 4.0, 0.125, 2.5),
     "nasa": Guidance("nasa", 0.15, 0.0),
 }
-ROWS = ("unguided", "cfg", "vsf_reference", "vsf_dense_sdpa", "vsf_fast", "nag", "nasa")
+ROWS = ("unguided", "cfg", "vsf_reference", "vsf_dense_sdpa", "vsf_fast", "vsf_fast_torch", "nag", "nasa")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,6 +148,36 @@ def forced_backend(name: str | None):
         attention_fast.reset_backend_cache()
 
 
+@contextlib.contextmanager
+def triton_disabled(disabled: bool = True):
+    """Keep the fast path off the optional Triton kernels for a while (VSF_TRITON=0): the torch-only
+    variant, timed as `vsf_fast_torch` beside `vsf_fast` (which uses them where usable)."""
+    saved = os.environ.get("VSF_TRITON")
+    try:
+        if disabled:
+            os.environ["VSF_TRITON"] = "0"
+            attention_fast.reset_backend_cache()
+        yield
+    finally:
+        if disabled:
+            if saved is None:
+                os.environ.pop("VSF_TRITON", None)
+            else:
+                os.environ["VSF_TRITON"] = saved
+            attention_fast.reset_backend_cache()
+
+
+def triton_report(device, dtype, head_dim) -> dict:
+    """Triton version and which fused kernels the automatic choice uses here."""
+    try:
+        import triton
+
+        version = triton.__version__
+    except Exception as err:  # noqa: BLE001
+        version = f"unavailable ({type(err).__name__})"
+    return {"version": version, **attention_fast.triton_status(device, dtype, head_dim)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # One attention call at the preset's shapes
 
@@ -192,6 +222,10 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
         dense_bytes = 0
     q2, k2, v2 = (torch.cat([t, t]) for t in (qu, ku, vu))
 
+    def guided_torch(g):
+        with triton_disabled():
+            return guided(g).float()
+
     base = timed(lambda: F.scaled_dot_product_attention(qu, ku, vu), device, warmup, repeats)
     res["unguided"] = {**base, "ratio": 1.0}
     bm = base["median_ms"]
@@ -206,6 +240,8 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
     else:
         skipped["vsf_dense_sdpa"] = "dense mask does not fit"
     res["vsf_fast"] = timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm)
+    with triton_disabled():
+        res["vsf_fast_torch"] = timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm)
     res["nag"] = timed(lambda: guided(METHODS["nag"]), device, warmup, repeats, bm)
     res["nasa"] = timed(lambda: guided(METHODS["nasa"]), device, warmup, repeats, bm)
 
@@ -217,6 +253,11 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
             check["vsf_fast_vs_reference_max_abs"] = float(err.max())
             check["vsf_fast_vs_reference_mean_abs"] = float(err.mean())
             check["reference_max_abs_value"] = float(want.abs().max())
+            with triton_disabled():
+                err = (guided(METHODS["vsf"]).float() - want).abs()
+            check["vsf_fast_torch_vs_reference_max_abs"] = float(err.max())
+            check["vsf_fast_torch_vs_reference_mean_abs"] = float(err.mean())
+            check["vsf_fast_vs_fast_torch_max_abs"] = float((fast - guided_torch(METHODS["vsf"])).abs().max())
             if "vsf_dense_sdpa" in res:
                 check["vsf_dense_sdpa_vs_reference_max_abs"] = float((dense_fn().float() - want).abs().max())
             # Yardstick: how far the unguided kernel itself is from float32 math at this dtype.
@@ -225,6 +266,7 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
             check["unguided_kernel_vs_float32_max_abs"] = float((plain - plain32).abs().max())
             del want, plain, plain32
         check["backend"] = attention_fast.select_backend(q.device, q.dtype, d)[0]
+        check["triton"] = triton_report(q.device, q.dtype, d)
 
     # Every usable LSE backend: the {I, P} pass with LSE alone, and the whole fast VSF call.
     per_backend = {}
@@ -325,7 +367,7 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
         ref_bytes = 4 * 4 * batch * p.heads * (length * (length + p.negative_tokens) if p.kind == "joint"
                                                 else p.image_tokens * (p.positive_tokens + p.negative_tokens))
         dense = DenseSdpaVSF()
-        variants = [("vsf_fast", "vsf", {}), ("nag", "nag", {}), ("nasa", "nasa", {})]
+        variants = [("vsf_fast", "vsf", {}), ("vsf_fast_torch", "vsf", {}), ("nag", "nag", {}), ("nasa", "nasa", {})]
         if reference and _fits(ref_bytes, device):
             variants.append(("vsf_reference", "vsf", dict(joint=vsf_joint_reference, cross=vsf_cross_reference)))
         else:
@@ -333,17 +375,21 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
         if p.kind == "joint":
             variants.append(("vsf_dense_sdpa", "vsf", dict(joint=dense.joint)))
         for name, method, impl in variants:
-            with guided_inputs(model, p, METHODS[method], kwargs, negative) as gkw, vsf_implementation(**impl):
+            with guided_inputs(model, p, METHODS[method], kwargs, negative) as gkw, vsf_implementation(**impl), \
+                    triton_disabled(name == "vsf_fast_torch"):
                 slow = name == "vsf_reference"
                 res[name] = timed(lambda: fwd(gkw), device, 1 if slow else warmup,
                                   max(1, min(3, repeats)) if slow else repeats, bm)
-                if name in ("vsf_fast", "vsf_reference"):
+                if name in ("vsf_fast", "vsf_fast_torch", "vsf_reference"):
                     outputs[name] = fwd(gkw).float()
         if "vsf_reference" in outputs:
             err = (outputs["vsf_fast"] - outputs["vsf_reference"]).abs()
             checks["vsf_fast_vs_reference_max_abs"] = float(err.max())
             checks["vsf_fast_vs_reference_mean_abs"] = float(err.mean())
             checks["reference_max_abs_value"] = float(outputs["vsf_reference"].abs().max())
+            err = (outputs["vsf_fast_torch"] - outputs["vsf_reference"]).abs()
+            checks["vsf_fast_torch_vs_reference_max_abs"] = float(err.max())
+            checks["vsf_fast_torch_vs_reference_mean_abs"] = float(err.mean())
     checks["skipped"] = skipped
     del model
     if device.type == "cuda":
@@ -402,6 +448,7 @@ def main(argv=None) -> int:
                    else "image queries, keys [P, N]"},
         "guidance": {k: vars(g) for k, g in METHODS.items()},
         "backend": attention_fast.select_backend(device, dtype, preset.head_dim)[0],
+        "triton": triton_report(device, dtype, preset.head_dim),
         "attention": {}, "forward": {}, "check": {},
     }
     try:
