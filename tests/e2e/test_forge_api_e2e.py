@@ -22,6 +22,8 @@ Checks (the issue's a-d):
   c. after VSF calls, a call without the extension (and one with it disabled) reproduces, bit for bit,
      the unguided image made before any VSF call.
   d. bad API values give an HTTP error whose message names the problem; the next calls are unaffected.
+  e. VSF-SPEC invariants through the server: empty negative prompt or a step window that no step falls
+     in give exactly the unguided image; a batch of 2 equals each seed alone (within 2/255).
   z. the server log holds no error report or traceback that involves the extension.
 """
 from __future__ import annotations
@@ -403,6 +405,34 @@ def test_d_next_call_after_errors_is_unaffected(forge):
     if earlier is not None:
         assert (_decode(good["images"][0]) == _decode(earlier["images"][0])).all(), \
             "VSF after a failed request differs from the same VSF request before it"
+
+
+def _vsf_args(**settings) -> dict:
+    return {SCRIPT_TITLE: {"args": [dict({"enabled": True, "method": "vsf", "alpha": 3.3, "beta": 0.2}, **settings)]}}
+
+
+@pytest.mark.parametrize("case", ["empty-negative", "window-after-last-step"])
+def test_e_no_negative_influence_is_exactly_unguided(forge, case):
+    """VSF-SPEC invariants: an empty negative prompt, or a step window no step falls in (3 steps:
+    fractions 0, 1/3, 2/3 < 0.9), give exactly the unguided pass."""
+    if case == "empty-negative":
+        data = forge.txt2img_ok(f"(e) VSF on, {case}", negative_prompt="", alwayson_scripts=_vsf_args())
+    else:
+        data = forge.txt2img_ok(f"(e) VSF on, {case}", alwayson_scripts=_vsf_args(start=0.9, end=1.0))
+    assert (_decode(data["images"][0]) == _decode(forge.baseline["images"][0])).all()
+
+
+def test_e_batch_equals_each_image_alone(forge):
+    """A batch of 2 guided images equals each seed guided alone, up to the host's own batch-vs-single
+    float noise (1/255 seen on CPU, unguided too)."""
+    batch = forge.txt2img_ok("(e) VSF batch of 2", batch_size=2, alwayson_scripts=_vsf_args())
+    assert len(batch["images"]) == 2
+    alone = [forge.results.get("dict") or forge.txt2img_ok("(e) VSF seed 42 alone", alwayson_scripts=_vsf_args()),
+             forge.txt2img_ok("(e) VSF seed 43 alone", seed=43, alwayson_scripts=_vsf_args())]
+    for k in range(2):
+        _assert_vsf_infotext(infotexts(batch)[k], 3.3, 0.2)
+        diff = abs(_decode(batch["images"][k]).astype(int) - _decode(alone[k]["images"][0]).astype(int)).max()
+        assert diff <= 2, f"batch image {k} differs from the same seed alone by {diff}/255"
 
 
 def test_c_unguided_after_vsf_is_bit_identical(forge):
