@@ -262,3 +262,83 @@ def test_host_sampling_appends_negative_to_conditional_rows(host, single_pass):
             uncond = unet.model.apply_model(inp["x"], sigma, c_crossattn=uncond_context, transformer_options={})
             expected = uncond + (cond - uncond) * 4.0
     torch.testing.assert_close(denoised, expected, atol=1e-4, rtol=1e-4)
+
+
+# -- AUTOMATIC1111: ldm (SD1/SD2) and sgm (SDXL) CrossAttention ---------------------------------------------
+
+@pytest.fixture(scope="module", params=["ldm", "sgm"])
+def a1111(request):
+    """A1111's UNet model code from its `repositories/` (VSF_A1111_REPOS_DIR); yields (unet module,
+    attention module). The test uses the classes' own `forward`: A1111 swaps in an optimised one with
+    the same signature, and the patch wraps whichever is there."""
+    with host_modules("a1111-repos"):
+        unet = import_host(f"{request.param}.modules.diffusionmodules.openaimodel")
+        attention = import_host(f"{request.param}.modules.attention")
+        yield request.param, unet, attention
+
+
+def build_a1111(a1111, seed=0):
+    kind, unet, _ = a1111
+    common = dict(in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1, attention_resolutions=[1, 2],
+                  channel_mult=(1, 2), num_head_channels=HEADS_CHANNELS, use_spatial_transformer=True,
+                  transformer_depth=1, context_dim=CONTEXT_DIM, use_linear_in_transformer=True, legacy=False)
+    model = unet.UNetModel(image_size=8, **common) if kind == "ldm" else unet.UNetModel(**common)
+    return init_weights(model, seed=seed)
+
+
+def a1111_forward(model, inp, context):
+    with torch.no_grad():
+        return model(inp["x"], timesteps=inp["t"], context=context)
+
+
+@pytest.mark.parametrize("positive_len", [77, 13])
+def test_a1111_patched_unet_matches_reference(a1111, positive_len):
+    from lib_vsf.webui.hosts.unet_attn2 import patch_a1111
+
+    _, _, attention = a1111
+    model = build_a1111(a1111)
+    inp = inputs(positive_len, seed=11)
+    negative = negative_rows([3, 2], CONTEXT_DIM)
+    context = append_negative(inp["context"], negative)
+    run = make_run(positive_len, negative, alpha=3.0, beta=0.2)
+    original = attention.CrossAttention.__dict__["forward"]
+    unpatched = a1111_forward(model, inp, inp["context"])
+    with patch_a1111([attention.CrossAttention], run):
+        guided = a1111_forward(model, inp, context)
+    assert run.calls == len(attn2_modules(model)) == 7
+    with reference_patch(model, run, 3.0, 0.2):
+        expected = a1111_forward(model, inp, context)
+    torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
+    assert attention.CrossAttention.__dict__["forward"] is original
+    assert torch.equal(a1111_forward(model, inp, inp["context"]), unpatched)
+
+
+def test_a1111_alpha_zero_beta_inf_and_empty_negative(a1111):
+    from lib_vsf.webui.hosts.unet_attn2 import patch_a1111
+
+    _, _, attention = a1111
+    model = build_a1111(a1111, seed=1)
+    inp = inputs(77, seed=12)
+    unpatched = a1111_forward(model, inp, inp["context"])
+    negative = negative_rows([4, 1], CONTEXT_DIM)
+    run = make_run(77, negative, guidance=Guidance("vsf", 0.0, math.inf))
+    with patch_a1111([attention.CrossAttention], run):
+        guided = a1111_forward(model, inp, append_negative(inp["context"], negative))
+    torch.testing.assert_close(guided, unpatched, rtol=1e-4, atol=1e-5)
+    empty = make_run(77, negative_rows([0, 0], CONTEXT_DIM))
+    with patch_a1111([attention.CrossAttention], empty):
+        assert torch.equal(a1111_forward(model, inp, inp["context"]), unpatched)
+    assert empty.calls == 0
+
+
+def test_a1111_adapter_matches_and_checks(a1111):
+    from lib_vsf.webui.hosts.unet_attn2 import A1111UNetAdapter, check_a1111_class
+
+    _, _, attention = a1111
+    check_a1111_class(attention.CrossAttention)
+    sd_model = type("LatentDiffusion", (), {"apply_model": lambda self, x_noisy, t, cond: x_noisy})()
+    sd_model.model = type("Wrapper", (), {})()
+    sd_model.model.diffusion_model = build_a1111(a1111)
+    assert A1111UNetAdapter.matches(sd_model)
+    sd_model.forge_objects = object()  # a Forge-family model is never A1111's
+    assert not A1111UNetAdapter.matches(sd_model)

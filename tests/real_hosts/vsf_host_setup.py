@@ -16,13 +16,17 @@ import pytest
 import torch
 
 # Top-level packages that belong to a host (and clash between Forge and Forge Neo).
-HOST_PACKAGES = ("backend", "modules", "modules_forge", "ldm_patched", "huggingface_guess", "gguf", "packages_3rdparty")
+HOST_PACKAGES = ("backend", "modules", "modules_forge", "ldm_patched", "huggingface_guess", "gguf", "packages_3rdparty",
+                 "ldm", "sgm")
 
 HOSTS = {
     # env var, extra sys.path entries (relative to the root), argv the host's arg parser needs on CPU
     "neo": ("VSF_NEO_DIR", ("modules_forge/packages",), ["--cpu", "--use-pytorch-cross-attention"]),
     "forge": ("VSF_FORGE_DIR", ("packages_3rdparty",), ["--always-cpu"]),
     "reforge": ("VSF_REFORGE_DIR", (), ["--always-cpu", "--attention-pytorch"]),
+    # A1111's `repositories/` folder: Stability-AI/stablediffusion (ldm) and generative-models (sgm) at the
+    # commits A1111 pins; only their model code is imported (no WebUI).
+    "a1111-repos": ("VSF_A1111_REPOS_DIR", ("stable-diffusion-stability-ai", "generative-models"), []),
 }
 
 
@@ -33,6 +37,33 @@ def host_root(host: str) -> str:
     if not root or not os.path.isdir(root):
         pytest.skip(f"{env} does not point at a {host} checkout")
     return os.path.abspath(root)
+
+
+def _sgm_namespace(root: str) -> None:
+    """`sgm/__init__.py` and two sub-package inits import training code (pytorch_lightning, omegaconf);
+    A1111 only uses the model files. Register those packages without running their `__init__`."""
+    import types
+
+    for name in ("sgm", "sgm.modules", "sgm.modules.diffusionmodules"):
+        package = types.ModuleType(name)
+        package.__path__ = [os.path.join(root, *name.split("."))]
+        sys.modules[name] = package
+
+
+def _omegaconf_stand_in() -> None:
+    """ldm's and sgm's UNet constructors only test `isinstance(x, omegaconf.ListConfig)`; without
+    omegaconf installed, a stand-in class (never matched) is enough. Removed on exit."""
+    import importlib.util
+    import types
+
+    if importlib.util.find_spec("omegaconf") is not None:
+        return
+    root, listconfig = types.ModuleType("omegaconf"), types.ModuleType("omegaconf.listconfig")
+    listconfig.ListConfig = root.ListConfig = type("ListConfig", (), {})
+    root.__path__, root.listconfig = [], listconfig
+    for module in (root, listconfig):
+        module.__vsf_stub__ = True
+        sys.modules[module.__name__] = module
 
 
 def _is_host_module(name: str) -> bool:
@@ -50,6 +81,9 @@ def host_modules(host: str):
         del sys.modules[name]
     saved_path, saved_argv = list(sys.path), list(sys.argv)
     sys.path[:0] = [root] + [os.path.join(root, e) for e in extra]
+    if host == "a1111-repos":
+        _sgm_namespace(os.path.join(root, "generative-models"))
+        _omegaconf_stand_in()
     sys.argv = [saved_argv[0] if saved_argv else "pytest", *argv]
     try:
         if host == "reforge":
