@@ -29,7 +29,9 @@ def write(p: Any, args: ScriptArgs) -> None:
     """Record the settings on `p` so that every image of the generation carries them."""
     params = getattr(p, "extra_generation_params", None)
     if isinstance(params, dict):
-        params.update(infotext_params(args))
+        # A fresh dict, never an update in place: X/Y/Z cells are shallow copies of one `p` sharing this
+        # dict, so an in-place write would leave VSF keys on later cells that run without VSF.
+        p.extra_generation_params = {**params, **infotext_params(args)}
 
 
 def read(params: Mapping[str, Any]) -> ScriptArgs | None:
