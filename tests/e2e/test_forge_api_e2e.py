@@ -18,7 +18,8 @@ Checks (the issue's a-d):
   a. `alwayson_scripts["Value Sign Flip"]` as a positional list and as one dict runs VSF: the infotext
      carries the VSF keys, the image differs from the unguided one, and both forms give the same image;
      with hires fix on, the second pass runs guided too (image differs from unguided hires).
-  b. X/Y/Z plot over `[VSF] Alpha` gives one image per value, each with its alpha in the infotext.
+  b. X/Y/Z plot over `[VSF] Alpha` gives one image per value, each with its alpha in the infotext;
+     over `[VSF] Method` with an `Off` cell, that cell is the unguided image with no VSF infotext.
   c. after VSF calls, a call without the extension (and one with it disabled) reproduces, bit for bit,
      the unguided image made before any VSF call.
   d. bad API values give an HTTP error whose message names the problem; the next calls are unaffected.
@@ -377,6 +378,25 @@ def test_b_xyz_over_alpha(forge):
     for i in range(len(values)):
         for j in range(i + 1, len(values)):
             assert (pixels[i] != pixels[j]).any(), f"alpha {values[i]} and {values[j]} gave the same image"
+
+
+def test_b_xyz_method_axis_off_cell_is_plain(forge):
+    """`[VSF] Method` with an `Off` cell after guided cells: XYZ cells are shallow copies of one `p`, so
+    the Off cell must neither be guided nor inherit the VSF infotext of the cells before it."""
+    entry = script_info(forge, "x/y/z plot")
+    choices = entry["args"][0]["choices"] or []
+    assert "[VSF] Method" in choices, [c for c in choices if "VSF" in c]
+    nothing = choices.index("Nothing")
+    methods = ["VSF", "NASA", "Off"]
+    script_args = [choices.index("[VSF] Method"), "", methods, nothing, "", [], nothing, "", [],
+                   True, True, False, False, False, False, False, 0, False]
+    data = forge.txt2img_ok("(b) XYZ over [VSF] Method incl. Off", script_name="x/y/z plot", script_args=script_args)
+    assert len(data["images"]) == 1 + len(methods)
+    cells = infotexts(data)[1:]
+    key = vsf_keys()["method"]
+    assert [infotext_value(t, key) for t in cells] == ["vsf", "nasa", None], [params_line(t) for t in cells]
+    off = _decode(data["images"][-1])
+    assert (off == _decode(forge.baseline["images"][0])).all(), "Off cell is not the unguided image"
 
 
 @pytest.mark.parametrize("bad", [
