@@ -342,3 +342,18 @@ def test_a1111_adapter_matches_and_checks(a1111):
     assert A1111UNetAdapter.matches(sd_model)
     sd_model.forge_objects = object()  # a Forge-family model is never A1111's
     assert not A1111UNetAdapter.matches(sd_model)
+
+
+def test_a1111_adapter_patches_every_cross_attention_class(a1111):
+    """sgm builds MemoryEfficientCrossAttention for SDXL's "softmax-xformers" blocks (xformers
+    installed); the adapter wraps it too, and both restore exactly."""
+    from lib_vsf.webui.hosts.unet_attn2 import A1111UNetAdapter
+
+    kind, _, attention = a1111
+    adapter = A1111UNetAdapter(type("LatentDiffusion", (), {"apply_model": lambda self, x, t, c: x})())
+    classes = [c for c in adapter._classes() if c.__module__ == attention.__name__]
+    assert attention.CrossAttention in classes and attention.MemoryEfficientCrossAttention in classes
+    originals = [c.__dict__["forward"] for c in classes]
+    with adapter.patch(make_run(77, negative_rows([2], CONTEXT_DIM))):
+        assert all(c.__dict__["forward"].__vsf_original__ is o for c, o in zip(classes, originals))
+    assert [c.__dict__["forward"] for c in classes] == originals

@@ -320,12 +320,18 @@ class A1111UNetAdapter(HostAdapter):
 
     def _classes(self) -> list[type]:
         import importlib
-        classes = []
+        classes: list[type] = []
         for _, attention_module in A1111_UNETS:  # patch both: SDXL refiners / SD1 models may be mixed
             try:
-                classes.append(importlib.import_module(attention_module).CrossAttention)
-            except (ImportError, AttributeError):
+                module = importlib.import_module(attention_module)
+            except ImportError:
                 continue
+            # A1111 aliases ldm's MemoryEfficientCrossAttention to CrossAttention; sgm builds its own
+            # (xformers) class for SDXL's "softmax-xformers" blocks when xformers is installed.
+            for name in ("CrossAttention", "MemoryEfficientCrossAttention"):
+                cls = getattr(module, name, None)
+                if isinstance(cls, type) and cls not in classes:
+                    classes.append(cls)
         return classes
 
     def check(self) -> None:
