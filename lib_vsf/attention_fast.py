@@ -20,6 +20,12 @@ there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `B
 Padded negatives (samples with different negative lengths, `TokenLayout.negative_mask`) cannot be
 expressed to a maskless kernel; that case merges the small negative block in float32 instead
 (`_merge_block`), still exact and linear in memory, only slower.
+
+Where Triton works (CUDA; `attention_triton.py`, imported lazily) two fused kernels replace the small
+steps: the image-row merge (N1 attention + weight + blend in one memory-bound pass, padding included)
+and the N0 rows (split-key attention over every key but P). They are checked against float32 math on
+first use per device/dtype/head_dim; `VSF_TRITON=0` turns them off. Everything else is unchanged and
+remains the path on CPU, without Triton, or when a kernel fails.
 """
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ is used; `attention_fast` keeps its torch path.
 
 Two kernels:
 
-* `image_rows_vsf`: the image-row merge. Given the main pass over {I, P} (output `o_i`, log-sum-exp
+* `image_rows_vsf`: the image-row merge (tensor-core dots for 16-bit inputs, a float32 loop over the
+  keys for float32). Given the main pass over {I, P} (output `o_i`, log-sum-exp
   `lse_i`) it attends each image row over the few negative keys N1 (logits - beta, online softmax in
   float32, padded keys masked out), and writes
 
@@ -24,6 +25,8 @@ Two kernels:
   differ between Triton versions), others use SDPA.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -109,6 +112,73 @@ if AVAILABLE:
         has = l > 0.0
         lse_n = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))  # log A-
         w_neg = 1.0 / (1.0 + tl.exp(lse_i - lse_n))  # A- / (A+ + A-), directly; 0 when A- = 0
+        z_neg = acc / tl.where(has, l, 1.0)[:, None]
+        o = tl.load(o_ptr + b * sob + h * soh + rows64[:, None] * sol + cols[None, :] * sod,
+                    mask=tile, other=0.0).to(tl.float32)
+        res = o + w_neg[:, None] * (-alpha * z_neg - o)
+        tl.store(out_ptr + b * sxb + h * sxh + rows64[:, None] * sxl + cols[None, :] * sxd,
+                 res.to(out_ptr.dtype.element_ty), mask=tile)
+
+    @triton.jit
+    def _image_merge_dot_kernel(
+        q_ptr, o_ptr, lse_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
+        H, L, N, D,
+        sqb, sqh, sql, sqd,
+        sob, soh, sol, sod,
+        slb, slh, sll,
+        skb, skh, skn, skd,
+        svb, svh, svn, svd,
+        smb, smn,
+        sxb, sxh, sxl, sxd,
+        scale, beta, alpha,
+        HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """The merge for 16-bit inputs with tensor-core dots over blocks of negative keys. Logits are
+        exact products accumulated in float32 (as in the attention kernels); the probabilities are
+        split into two 16-bit parts (hi + lo) for the value dot, so Z- keeps ~16 mantissa bits
+        (a single 16-bit cast, as flash kernels do, would keep 8 in bf16)."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, BLOCK_D)
+        rmask = rows < L
+        cmask = cols < D
+        tile = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        q = tl.load(q_ptr + b * sqb + h * sqh + rows64[:, None] * sql + cols[None, :] * sqd, mask=tile, other=0.0)
+        m = tl.full([BLOCK_M], -1.0e30, tl.float32)
+        l = tl.full([BLOCK_M], 0.0, tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
+        k_base = k_ptr + b * skb + h * skh
+        v_base = v_ptr + b * svb + h * svh
+        for start in range(0, N, BLOCK_N):
+            keys = start + tl.arange(0, BLOCK_N)
+            inside = keys < N
+            use = inside
+            if HAS_VALID:
+                ok = tl.load(valid_ptr + b * smb + keys * smn, mask=inside, other=0)
+                use = inside & (ok != 0)
+            kt = tl.load(k_base + keys[None, :] * skn + cols[:, None] * skd,
+                         mask=inside[None, :] & cmask[:, None], other=0.0)
+            s = tl.dot(q, kt) * scale - beta
+            s = tl.where(use[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            corr = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * corr + tl.sum(p, axis=1)
+            vb = tl.load(v_base + keys[:, None] * svn + cols[None, :] * svd,
+                         mask=inside[:, None] & cmask[None, :], other=0.0)
+            p_hi = p.to(vb.dtype)
+            p_lo = (p - p_hi.to(tl.float32)).to(vb.dtype)
+            acc = acc * corr[:, None] + tl.dot(p_hi, vb) + tl.dot(p_lo, vb)
+            m = m_new
+
+        lse_i = tl.load(lse_ptr + b * slb + h * slh + rows64 * sll, mask=rmask, other=0.0).to(tl.float32)
+        has = l > 0.0
+        lse_n = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
+        w_neg = 1.0 / (1.0 + tl.exp(lse_i - lse_n))
         z_neg = acc / tl.where(has, l, 1.0)[:, None]
         o = tl.load(o_ptr + b * sob + h * soh + rows64[:, None] * sol + cols[None, :] * sod,
                     mask=tile, other=0.0).to(tl.float32)
@@ -207,6 +277,14 @@ def _valid_arg(valid, like):
     return valid, valid.stride(0), valid.stride(1)
 
 
+def _dot_merge(dtype) -> bool:
+    """Tensor-core merge for 16-bit inputs; float32 keeps the exact float32 loop. Triton's CPU
+    interpreter computes bf16 dots wrongly (3.9), so there bf16 takes the loop too."""
+    if dtype == torch.float16:
+        return True
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") != "1"
+
+
 def image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None):
     """Fused VSF image-row merge (see the module docstring); same contract as
     `attention_fast._image_rows_vsf` for finite beta. Returns `dest` (written in place) or a new tensor."""
@@ -217,16 +295,19 @@ def image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=No
         return out
     valid_t, smb, smn = _valid_arg(valid, q_i)
     block_d = max(16, _pow2(dim))
-    block_m = 64 if block_d <= 64 else 32
-    grid = (triton.cdiv(length, block_m), batch * heads)
-    _image_merge_kernel[grid](
-        q_i, o_i, lse_i, k_n, v_n, valid_t, out,
-        heads, length, n, dim,
-        *q_i.stride(), *o_i.stride(), *lse_i.stride(), *k_n.stride(), *v_n.stride(), smb, smn, *out.stride(),
-        float(scale), float(beta), float(alpha),
-        HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_D=block_d,
-        num_warps=4 if block_d <= 64 else 8,
-    )
+    args = (q_i, o_i, lse_i, k_n, v_n, valid_t, out, heads, length, n, dim,
+            *q_i.stride(), *o_i.stride(), *lse_i.stride(), *k_n.stride(), *v_n.stride(), smb, smn, *out.stride(),
+            float(scale), float(beta), float(alpha))
+    if _dot_merge(q_i.dtype) and dim >= 16:
+        block_m = 64
+        _image_merge_dot_kernel[(triton.cdiv(length, block_m), batch * heads)](
+            *args, HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d,
+            num_warps=4 if block_d <= 64 else 8)
+    else:
+        block_m = 64 if block_d <= 64 else 32
+        _image_merge_kernel[(triton.cdiv(length, block_m), batch * heads)](
+            *args, HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+            num_warps=4 if block_d <= 64 else 8)
     return out
 
 

@@ -294,6 +294,9 @@ def _profile(fn, device) -> str | None:
     try:
         from torch.profiler import ProfilerActivity, profile
 
+        with torch.no_grad():
+            fn()  # first-use work (backend and kernel checks, compilation) stays out of the table
+            _sync(device)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 fn()
@@ -338,8 +341,13 @@ def _batch2(kwargs: dict, batch: int) -> dict:
             else t for k, t in kwargs.items()}
 
 
-def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True) -> tuple[dict, dict]:
-    """Time one whole transformer forward per method; return (timings, checks). Needs diffusers."""
+def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True, ab_rounds=0,
+                    profile=False) -> tuple[dict, dict]:
+    """Time one whole transformer forward per method; return (timings, checks). Needs diffusers.
+
+    `ab_rounds`: then also time unguided / vsf_fast / vsf_fast_torch round-robin (5 forwards each per
+    round), so that drift of the machine hits all three alike. `profile`: kernel tables of one
+    vsf_fast and one vsf_fast_torch forward (CUDA)."""
     try:
         import diffusers  # noqa: F401
 
@@ -382,6 +390,23 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
                                   max(1, min(3, repeats)) if slow else repeats, bm)
                 if name in ("vsf_fast", "vsf_fast_torch", "vsf_reference"):
                     outputs[name] = fwd(gkw).float()
+        if ab_rounds:
+            ab = {"unguided": [], "vsf_fast": [], "vsf_fast_torch": []}
+            for _ in range(ab_rounds):
+                ab["unguided"].append(timed(lambda: fwd(kwargs), device, 1, 5)["median_ms"])
+                with guided_inputs(model, p, METHODS["vsf"], kwargs, negative) as gkw:
+                    for name in ("vsf_fast", "vsf_fast_torch"):
+                        with triton_disabled(name == "vsf_fast_torch"):
+                            ab[name].append(timed(lambda: fwd(gkw), device, 1, 5)["median_ms"])
+            base = statistics.median(ab["unguided"])
+            checks["ab_interleaved"] = {name: {"median_ms": round(statistics.median(t), 4),
+                                               "ratio": round(statistics.median(t) / base, 3),
+                                               "round_medians_ms": t} for name, t in ab.items()}
+        if profile and device.type == "cuda":
+            with guided_inputs(model, p, METHODS["vsf"], kwargs, negative) as gkw:
+                for name in ("vsf_fast", "vsf_fast_torch"):
+                    with triton_disabled(name == "vsf_fast_torch"):
+                        checks[f"profile_{name}"] = _profile(lambda: fwd(gkw), device)
         if "vsf_reference" in outputs:
             err = (outputs["vsf_fast"] - outputs["vsf_reference"]).abs()
             checks["vsf_fast_vs_reference_max_abs"] = float(err.max())
@@ -427,6 +452,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-reference", action="store_true", help="skip the float32 dense reference timings")
     ap.add_argument("--profile", action="store_true",
                     help="print a CUDA kernel table of the fast VSF call (disturbs later timings: run alone)")
+    ap.add_argument("--ab-rounds", type=int, default=0,
+                    help="also time unguided / vsf_fast / vsf_fast_torch forwards round-robin, this many rounds")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -475,11 +502,15 @@ def main(argv=None) -> int:
                 print(f"  backend {name:<10} {r}")
     if not args.attention_only:
         rows, checks = forward_section(preset, device, dtype, 2 if args.repeats == 1 else min(warmup, 3),
-                                       args.repeats or 10, args.batch, not args.no_reference)
+                                       args.repeats or 10, args.batch, not args.no_reference, args.ab_rounds,
+                                       args.profile)
         out["forward"], out["check"]["forward"] = rows, checks
         if rows:
             print(_table(f"whole transformer forward ({preset.name})", rows))
-        print("  forward checks:", json.dumps(checks))
+        for name in ("vsf_fast", "vsf_fast_torch"):
+            if checks.get(f"profile_{name}"):
+                print(f"forward profile, {name}:\n" + checks[f"profile_{name}"])
+        print("  forward checks:", json.dumps({k: v for k, v in checks.items() if not k.startswith("profile_")}))
     out["elapsed_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

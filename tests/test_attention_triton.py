@@ -83,16 +83,19 @@ def test_merge_kernel_matches_float32_math(dtype, dim, n):
     assert not big[:, :, :10].any() and not big[:, :, 80:].any()
 
 
-def test_merge_kernel_padding_and_extremes():
-    """Padded negatives (one sample all padding: exactly the unguided rows), alpha 0, large beta."""
-    q = heads_view(3, 2, 50, 32, torch.float32, 1)
-    k, v = heads_view(3, 2, 9, 32, torch.float32, 2), heads_view(3, 2, 9, 32, torch.float32, 3)
-    k_n, v_n = heads_view(3, 2, 4, 32, torch.float32, 4), heads_view(3, 2, 4, 32, torch.float32, 5)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
+def test_merge_kernel_padding_and_extremes(dtype):
+    """Padded negatives (one sample all padding: exactly the unguided rows), alpha 0, large beta;
+    20 keys so that the 16-bit kernel's second key block is partly padding."""
+    q = heads_view(3, 2, 50, 32, dtype, 1)
+    k, v = heads_view(3, 2, 9, 32, dtype, 2), heads_view(3, 2, 9, 32, dtype, 3)
+    k_n, v_n = heads_view(3, 2, 20, 32, dtype, 4), heads_view(3, 2, 20, 32, dtype, 5)
     o, lse = attention_fast.chunked_attention_lse(q, k, v, 0.3)
-    valid = torch.tensor([[True] * 4, [True, False, True, False], [False] * 4], device=DEVICE)
+    valid = torch.tensor([[True] * 20, [True, False] * 10, [False] * 20], device=DEVICE)
+    valid[0, 17] = False
     for alpha, beta in ((3.3, 0.2), (0.0, 0.0), (6.0, 50.0), (-1.0, 0.0)):
         got = at.image_rows_vsf(o, lse, q, k_n, v_n, alpha, beta, valid, 0.3)
-        torch.testing.assert_close(got, merge_want(o, lse, q, k_n, v_n, alpha, beta, valid, 0.3), **TOL[torch.float32])
+        torch.testing.assert_close(got.float(), merge_want(o, lse, q, k_n, v_n, alpha, beta, valid, 0.3), **TOL[dtype])
         assert torch.equal(got[2], o[2])
 
 
