@@ -185,3 +185,21 @@ def test_adapter_matches_neo_models_only(neo):
     assert NeoFluxAdapter.matches(Holder(build_chroma(chroma)))
     assert not NeoFluxAdapter.matches(Holder(torch.nn.Linear(2, 2)))
     assert not NeoFluxAdapter.matches(object())
+
+
+def test_batch_with_different_negatives_equals_each_image_alone(neo):
+    """VSF-SPEC: per-sample negatives of different lengths (padded, masked) give each image's own result."""
+    flux, _ = neo
+    model = build_flux(flux)
+    inp = inputs(seed=9)
+    negative = negative_rows([4, 1], CONTEXT_DIM, seed=5)
+    run = make_run(POSITIVE_LEN, negative)
+    with patch_flux(flux, run):
+        batched = forward(model, "flux", inp, append_negative(inp["context"], negative))
+    for i, n in enumerate((4, 1)):
+        alone_inp = {k: v[i:i + 1] for k, v in inp.items()}
+        alone_negative = type(negative)(negative.embeds[i:i + 1, :n], negative.mask[i:i + 1, :n])
+        alone_run = make_run(POSITIVE_LEN, alone_negative)
+        with patch_flux(flux, alone_run):
+            alone = forward(model, "flux", alone_inp, append_negative(alone_inp["context"], alone_negative))
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-5)

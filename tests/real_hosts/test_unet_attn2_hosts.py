@@ -357,3 +357,18 @@ def test_a1111_adapter_patches_every_cross_attention_class(a1111):
     with adapter.patch(make_run(77, negative_rows([2], CONTEXT_DIM))):
         assert all(c.__dict__["forward"].__vsf_original__ is o for c, o in zip(classes, originals))
     assert [c.__dict__["forward"] for c in classes] == originals
+
+
+def test_batch_with_different_negatives_equals_each_image_alone(host):
+    model = host.build(seed=4)
+    inp = inputs(77, seed=13)
+    negative = negative_rows([5, 2], CONTEXT_DIM, seed=6)
+    run = make_run(77, negative)
+    with patch_unet(host.attention, host.attention_name, run):
+        batched = forward(model, inp, append_negative(inp["context"], negative))
+    for i, n in enumerate((5, 2)):
+        alone_inp = {k: v[i:i + 1] for k, v in inp.items()}
+        alone_negative = type(negative)(negative.embeds[i:i + 1, :n], negative.mask[i:i + 1, :n])
+        with patch_unet(host.attention, host.attention_name, make_run(77, alone_negative)):
+            alone = forward(model, alone_inp, append_negative(alone_inp["context"], alone_negative))
+        torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-5)
