@@ -11,8 +11,9 @@ The patch replaces `attention_function` and wraps the two cross-attention `forwa
 they open a call scope (see `_guided.py`): only calls inside a cross-attention scope whose key count is
 the announced text length are guided; for I2V the first call (the image tokens) passes through
 untouched. Self-attention can never be guided, whatever the video's token count. Wan 2.2's low-noise
-expert ("Refiner") is swapped in mid-sampling, sometimes as a new model instance: module- and
-class-level names survive the swap, so both experts are guided.
+expert ("Refiner") is swapped in mid-sampling, sometimes as a new model instance: the module- and
+class-level patch survives the swap, and `follow_refiner` puts the per-pass hook that appends the
+negative on a newly loaded expert, so both experts are guided.
 """
 from __future__ import annotations
 
