@@ -89,6 +89,9 @@ LAUNCH_FLAGS = [
 # --------------------------------------------------------------------------------------------------
 # helpers
 
+# Direct connections only (a user's http_proxy must not see loopback requests).
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((HOST, 0))
@@ -128,7 +131,7 @@ class Forge:
                                      headers={"Content-Type": "application/json"})
         t0 = time.monotonic()
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
+            with _OPENER.open(req, timeout=timeout) as r:
                 status, raw = r.status, r.read()
         except urllib.error.HTTPError as e:
             status, raw = e.code, e.read()
