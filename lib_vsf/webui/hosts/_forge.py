@@ -164,3 +164,14 @@ def forge_backend_note() -> str | None:
     name = getattr(getattr(attention, "attention_function", None), "__name__", "unknown")
     return (f"VSF computes its guided attention calls with PyTorch SDPA: your attention backend ({name}) "
             "cannot take the mask VSF needs; it still runs every unguided call.")
+
+
+def encode_flux_negatives(p: Any, sd_model: Any, prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
+    """Flux / Chroma negatives through the host's T5 engine (Forge and Forge Neo): T5 tokens + EOS of
+    each prompt, lambda-extrapolated (paper eq. 10)."""
+
+    def encode(prompt: str):
+        cond = host_encode(p, sd_model, prompt)  # runs the engine first: it sets its emphasis mode
+        return flux_negative(cond["crossattn"], t5_length(sd_model.text_processing_engine_t5, prompt), settings)
+
+    return encode_each(prompts, encode)

@@ -177,3 +177,20 @@ def check_attention_function(owner: Any, name: str, keywords: tuple[str, ...] = 
         where = f"{getattr(owner, '__name__', type(owner).__name__)}.{name}"
         raise PatchError(f"{where} does not take (q, k, v, heads) (host version not supported)")
     return target
+
+
+def make_scoped_cross_attention(original: Callable, run: GuidanceRun, scope: CallScope) -> Callable:
+    """Replacement for a host's module-level `attention_function(q, k, v, heads, ...)` carrying
+    cross-attention: guided inside an open `scope` when the keys are exactly the text stream `[P, N]`
+    (no mask, the host's own layout, a batch the negative rows fit); the original otherwise."""
+
+    def scoped_cross_attention(q, k, v, heads, *args, **kwargs):
+        if (scope.take() is None or run.negative_len == 0 or k.shape[1] != run.text_len
+                or split_mask_arg(args, kwargs) is not None or kwargs.get("skip_reshape")
+                or not batch_fits(run, q.shape[0])):
+            return original(q, k, v, heads, *args, **kwargs)
+        return guided_call(q, k, v, heads, run.cross_layout(total=k.shape[1]), run, joint=False,
+                           skip_output_reshape=kwargs.get("skip_output_reshape", False))
+
+    scoped_cross_attention.__vsf_original__ = original
+    return scoped_cross_attention

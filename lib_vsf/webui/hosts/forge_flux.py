@@ -72,14 +72,7 @@ class ForgeFluxAdapter(HostAdapter):
         check_flux_module(self._module())
 
     def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
-        model = self.sd_model
-
-        def encode(prompt: str):
-            cond = _forge.host_encode(p, model, prompt)
-            t5 = _forge.t5_length(model.text_processing_engine_t5, prompt)
-            return _forge.flux_negative(cond["crossattn"], t5, settings)
-
-        return _forge.encode_each(negative_prompts, encode)
+        return _forge.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         _forge.attach_forge(p, ctx)

@@ -90,14 +90,7 @@ class NeoFluxAdapter(HostAdapter):
     def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
         """T5 tokens + EOS of each negative (Flux and Chroma both encode with Neo's T5 engine), with
         the lambda extrapolation against the mean padding embedding (paper eq. 10)."""
-        model = self.sd_model
-
-        def encode(prompt: str):
-            cond = _forge.host_encode(p, model, prompt)  # runs the engine first: it sets its emphasis mode
-            t5 = _forge.t5_length(model.text_processing_engine_t5, prompt)
-            return _forge.flux_negative(cond["crossattn"], t5, settings)
-
-        return _forge.encode_each(negative_prompts, encode)
+        return _forge.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         """Neo keeps Forge's sampling hooks (`model_function_wrapper`, conditioning modifiers)."""

@@ -24,8 +24,8 @@ from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge
-from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
-                      guided_call, is_forge_neo, split_mask_arg, warn_once)
+from ._guided import (CallScope, ScopeState, check_attention_function, class_is, diffusion_model, is_forge_neo,
+                      make_scoped_cross_attention, warn_once)
 from .base import HostAdapter, SamplingContext, real_length
 
 WAN_MODULE = "backend.nn.wan"
@@ -65,18 +65,7 @@ def _i2v_scope(*args, **kwargs) -> ScopeState:
 def make_wan_attention(original, run: GuidanceRun):
     """Replacement for `backend.nn.wan.attention_function`: guided inside a cross-attention scope
     when the keys are exactly the text stream `[P, N]`."""
-
-    def wan_attention_function(q, k, v, heads, *args, **kwargs):
-        scope = CROSS_SCOPE.take()
-        if (scope is None or run.negative_len == 0 or k.shape[1] != run.text_len
-                or split_mask_arg(args, kwargs) is not None or kwargs.get("skip_reshape")
-                or not batch_fits(run, q.shape[0])):
-            return original(q, k, v, heads, *args, **kwargs)
-        return guided_call(q, k, v, heads, run.cross_layout(total=k.shape[1]), run, joint=False,
-                           skip_output_reshape=kwargs.get("skip_output_reshape", False))
-
-    wan_attention_function.__vsf_original__ = original
-    return wan_attention_function
+    return make_scoped_cross_attention(original, run, CROSS_SCOPE)
 
 
 def patch_wan(wan: ModuleType, run: GuidanceRun) -> AttributePatch:

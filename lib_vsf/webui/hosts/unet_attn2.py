@@ -42,7 +42,7 @@ from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge
 from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
-                      guided_call, is_forge_neo, split_mask_arg)
+                      is_forge_neo, make_scoped_cross_attention)
 from .base import HostAdapter, SamplingContext, append_negative, real_length
 
 CHUNK_TOKENS = 75  # prompt tokens per CLIP chunk; a chunk is BOS + 75 + EOS = 77 positions
@@ -143,18 +143,7 @@ def check_unet_module(module: ModuleType, attention_name: str) -> None:
 
 def make_attn2_attention(original, run: GuidanceRun):
     """Replacement for a UNet module's attention name: guided for attn2 calls over `[P, N]`."""
-
-    def unet_attention(q, k, v, heads, *args, **kwargs):
-        scope = ATTN2_SCOPE.take()
-        if (scope is None or run.negative_len == 0 or k.shape[1] != run.text_len
-                or split_mask_arg(args, kwargs) is not None or kwargs.get("skip_reshape")
-                or not batch_fits(run, q.shape[0])):
-            return original(q, k, v, heads, *args, **kwargs)
-        return guided_call(q, k, v, heads, run.cross_layout(total=k.shape[1]), run, joint=False,
-                           skip_output_reshape=kwargs.get("skip_output_reshape", False))
-
-    unet_attention.__vsf_original__ = original
-    return unet_attention
+    return make_scoped_cross_attention(original, run, ATTN2_SCOPE)
 
 
 def patch_unet(module: ModuleType, attention_name: str, run: GuidanceRun) -> AttributePatch:
