@@ -20,7 +20,7 @@ from lib_vsf.state import GuidanceRun
 from lib_vsf.webui.hosts._sai_mmdit import patch_mmdit_module
 from lib_vsf.webui.hosts.base import SamplingContext, append_negative
 from lib_vsf.webui.hosts.forge_mmditx import ForgeMMDiTAdapter
-from vsf_host_setup import git_commit, host_modules, import_host, init_weights, make_run, negative_rows
+from vsf_host_setup import call_sampling_function, git_commit, host_modules, import_host, init_weights, make_run, negative_rows
 
 CONTEXT_DIM, POSITIVE_LEN, IMAGE_TOKENS = 48, 7, 16  # 8x8 latent, patch 2
 
@@ -211,21 +211,10 @@ class BatchCond(dict):
 
 
 def sample_step(forge_sampling, p, inp, cond_scale, uncond_context):
-    """One denoiser evaluation through Forge's real `sampling_function` (conditioning modifiers,
-    CFG-1 shortcut, cond/uncond batching, model-function wrapper), as its CFGDenoiser calls it."""
-    sampling = forge_sampling[0]
-    batch = inp["x"].shape[0]
-    denoiser = type("CFGDenoiser", (), {})()
-    denoiser.inner_model = type("Wrap", (), {})()
-    denoiser.inner_model.inner_model = p.sd_model
-    denoiser.p = type("P", (), {"seeds": [0]})()
-    params = type("CFGDenoiserParams", (), {})()
-    params.x, params.sigma, params.image_cond = inp["x"], torch.full((batch,), 0.7), None
-    params.text_cond = BatchCond(crossattn=inp["context"], vector=inp["y"])
-    params.text_uncond = BatchCond(crossattn=uncond_context, vector=inp["y"])
-    with torch.no_grad():
-        denoised, _, _ = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
-    return denoised, params.sigma
+    """One denoiser evaluation through Forge's real `sampling_function`."""
+    return call_sampling_function(forge_sampling[0], p.sd_model, inp["x"],
+                                  BatchCond(crossattn=inp["context"], vector=inp["y"]),
+                                  BatchCond(crossattn=uncond_context, vector=inp["y"]), cond_scale)
 
 
 def test_forge_sampling_single_pass_appends_negative_and_drops_uncond(forge, forge_sampling):

@@ -24,7 +24,7 @@ from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.unet_attn2 import (ForgeUNetAdapter, NeoUNetAdapter, ReforgeUNetAdapter,
                                             patch_unet)
-from vsf_host_setup import (Recorder, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
+from vsf_host_setup import (Recorder, call_sampling_function, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
                             negative_rows)
 
 CONTEXT_DIM, HEADS_CHANNELS = 32, 16
@@ -218,19 +218,9 @@ def make_p(host):
 
 
 def sample_step(p, inp, cond_scale, uncond_context):
-    """One denoiser evaluation through the host's real `sampling_function`, as its CFGDenoiser calls it."""
+    """One denoiser evaluation through the host's real `sampling_function`."""
     sampling = import_host("backend.sampling.sampling_function")
-    batch = inp["x"].shape[0]
-    denoiser = type("CFGDenoiser", (), {})()
-    denoiser.inner_model = type("Wrap", (), {})()
-    denoiser.inner_model.inner_model = p.sd_model
-    denoiser.p = type("P", (), {"seeds": [0]})()
-    params = type("CFGDenoiserParams", (), {})()
-    params.x, params.sigma, params.image_cond = inp["x"], torch.full((batch,), 0.7), None
-    params.text_cond, params.text_uncond = inp["context"], uncond_context
-    with torch.no_grad():
-        out = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
-    return (out[0] if isinstance(out, tuple) else out), params.sigma
+    return call_sampling_function(sampling, p.sd_model, inp["x"], inp["context"], uncond_context, cond_scale)
 
 
 @pytest.mark.parametrize("single_pass", [True, False])

@@ -209,3 +209,20 @@ class Recorder:
         out = self.fn(q, k, v, *args, **kwargs)
         self.calls.append((q.detach().clone(), k.detach().clone(), v.detach().clone(), args, dict(kwargs), out.detach().clone()))
         return out
+
+
+def call_sampling_function(sampling, sd_model, x, text_cond, text_uncond, cond_scale):
+    """One denoiser evaluation through a Forge-family host's real `sampling_function` module, as its
+    CFGDenoiser calls it (conditioning modifiers, CFG-1 shortcut, cond/uncond batching, model-function
+    wrapper). Returns (denoised, sigma)."""
+    batch = x.shape[0]
+    denoiser = type("CFGDenoiser", (), {})()
+    denoiser.inner_model = type("Wrap", (), {})()
+    denoiser.inner_model.inner_model = sd_model
+    denoiser.p = type("P", (), {"seeds": [0]})()
+    params = type("CFGDenoiserParams", (), {})()
+    params.x, params.sigma, params.image_cond = x, torch.full((batch,), 0.7), None
+    params.text_cond, params.text_uncond = text_cond, text_uncond
+    with torch.no_grad():
+        out = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
+    return (out[0] if isinstance(out, tuple) else out), params.sigma
