@@ -130,41 +130,34 @@ def vsf_implementation(joint=None, cross=None):
 
 
 @contextlib.contextmanager
-def forced_backend(name: str | None):
-    """Force one LSE backend (VSF_ATTENTION_BACKEND) for a while; None = automatic choice."""
-    saved = os.environ.get("VSF_ATTENTION_BACKEND")
+def _attention_env(name: str, value: str | None):
+    """Set (a string) or unset (None) one of the fast path's environment switches for a while, with
+    the cached kernel choices reset on the way in and out."""
+    saved = os.environ.get(name)
     try:
-        if name is None:
-            os.environ.pop("VSF_ATTENTION_BACKEND", None)
+        if value is None:
+            os.environ.pop(name, None)
         else:
-            os.environ["VSF_ATTENTION_BACKEND"] = name
+            os.environ[name] = value
         attention_fast.reset_backend_cache()
         yield
     finally:
         if saved is None:
-            os.environ.pop("VSF_ATTENTION_BACKEND", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["VSF_ATTENTION_BACKEND"] = saved
+            os.environ[name] = saved
         attention_fast.reset_backend_cache()
 
 
-@contextlib.contextmanager
+def forced_backend(name: str | None):
+    """Force one LSE backend (VSF_ATTENTION_BACKEND) for a while; None = automatic choice."""
+    return _attention_env("VSF_ATTENTION_BACKEND", name)
+
+
 def triton_disabled(disabled: bool = True):
     """Keep the fast path off the optional Triton kernels for a while (VSF_TRITON=0): the torch-only
     variant, timed as `vsf_fast_torch` beside `vsf_fast` (which uses them where usable)."""
-    saved = os.environ.get("VSF_TRITON")
-    try:
-        if disabled:
-            os.environ["VSF_TRITON"] = "0"
-            attention_fast.reset_backend_cache()
-        yield
-    finally:
-        if disabled:
-            if saved is None:
-                os.environ.pop("VSF_TRITON", None)
-            else:
-                os.environ["VSF_TRITON"] = saved
-            attention_fast.reset_backend_cache()
+    return _attention_env("VSF_TRITON", "0") if disabled else contextlib.nullcontext()
 
 
 def triton_report(device, dtype, head_dim) -> dict:
