@@ -61,8 +61,21 @@ def triton_on(monkeypatch):
     attention_fast.reset_backend_cache()
 
 
-def merge_want(o, lse, q, k_n, v_n, alpha, beta, valid, scale):
-    return attention_fast._merge_block(o.float(), lse, q.float(), k_n, v_n, -alpha, beta, valid, scale)
+def merge_want(q, k, v, k_n, v_n, alpha, beta, valid, scale):
+    """Paper eq. 7/8 (VSF-SPEC.md, "Equivalence") per image row, in float64 from the raw inputs:
+    A+ = sum_P exp(s), A- = sum_N exp(s - beta) over the real negative keys, W = A+ / (A+ + A-),
+    Z = W Z+ - alpha (1 - W) Z-, with Z+ / Z- plain attention over the keys k / the real keys k_n.
+    A sample whose negative is all padding has A- = 0, so W = 1 and Z = Z+."""
+    q, k, v, k_n, v_n = (t.double() for t in (q, k, v, k_n, v_n))
+    s_plus = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s_neg = torch.matmul(q, k_n.transpose(-1, -2)) * scale - beta
+    real = torch.ones(q.shape[0], k_n.shape[2], dtype=torch.bool, device=q.device) if valid is None else valid
+    s_neg = s_neg.masked_fill(~real[:, None, None, :], float("-inf"))
+    a_plus, a_minus = s_plus.exp().sum(-1, keepdim=True), s_neg.exp().sum(-1, keepdim=True)
+    z_plus = torch.matmul(s_plus.exp(), v) / a_plus
+    z_minus = torch.matmul(s_neg.exp(), v_n) / a_minus.clamp_min(torch.finfo(torch.float64).tiny)
+    w = a_plus / (a_plus + a_minus)
+    return w * z_plus - alpha * (1 - w) * z_minus
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["f32", "bf16", "f16"])
@@ -74,12 +87,12 @@ def test_merge_kernel_matches_float32_math(dtype, dim, n):
     k, v = heads_view(2, 3, 20, dim, dtype, 2), heads_view(2, 3, 20, dim, dtype, 3)
     k_n, v_n = heads_view(2, 3, n, dim, dtype, 4), heads_view(2, 3, n, dim, dtype, 5)
     o, lse = attention_fast.chunked_attention_lse(q, k, v, 0.25)
-    want = merge_want(o, lse, q, k_n, v_n, 3.3, 0.2, None, 0.25)
+    want = merge_want(q, k, v, k_n, v_n, 3.3, 0.2, None, 0.25)
     got = at.image_rows_vsf(o, lse, q, k_n, v_n, 3.3, 0.2, None, 0.25)
-    torch.testing.assert_close(got.float(), want, **TOL[dtype])
+    torch.testing.assert_close(got.double(), want, **TOL[dtype])
     big = torch.zeros(2, 3, 90, dim, device=DEVICE, dtype=dtype)
     at.image_rows_vsf(o, lse, q, k_n, v_n, 3.3, 0.2, None, 0.25, dest=big[:, :, 10:80])
-    torch.testing.assert_close(big[:, :, 10:80].float(), want, **TOL[dtype])
+    torch.testing.assert_close(big[:, :, 10:80].double(), want, **TOL[dtype])
     assert not big[:, :, :10].any() and not big[:, :, 80:].any()
 
 
@@ -95,7 +108,8 @@ def test_merge_kernel_padding_and_extremes(dtype):
     valid[0, 17] = False
     for alpha, beta in ((3.3, 0.2), (0.0, 0.0), (6.0, 50.0), (-1.0, 0.0)):
         got = at.image_rows_vsf(o, lse, q, k_n, v_n, alpha, beta, valid, 0.3)
-        torch.testing.assert_close(got.float(), merge_want(o, lse, q, k_n, v_n, alpha, beta, valid, 0.3), **TOL[dtype])
+        want = merge_want(q, k, v, k_n, v_n, alpha, beta, valid, 0.3)
+        torch.testing.assert_close(got.double(), want, **TOL[dtype])
         assert torch.equal(got[2], o[2])
 
 
@@ -148,18 +162,65 @@ def test_bf16_error_is_kernel_sized(triton_on):
     assert float(err.max()) < 4e-3 and float(err.mean()) < 3e-4
 
 
-def test_beta_inf_and_disabled(monkeypatch):
-    """beta = +inf stays the bit-exact unguided rows; VSF_TRITON=0 never touches the kernels."""
+class LaunchCounter:
+    """Stands in for a `@triton.jit` kernel in attention_triton's namespace and counts `kernel[grid](...)`."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.launches += 1
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.fixture
+def merge_launches(monkeypatch):
+    """() -> number of image-merge kernel launches so far (either merge kernel)."""
+    counters = [LaunchCounter(getattr(at, name)) for name in ("_image_merge_kernel", "_image_merge_dot_kernel")]
+    monkeypatch.setattr(at, "_image_merge_kernel", counters[0])
+    monkeypatch.setattr(at, "_image_merge_dot_kernel", counters[1])
+    return lambda: sum(c.launches for c in counters)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+def test_vsf_joint_triton_and_torch_paths_agree(dtype, monkeypatch, merge_launches):
+    """Finite beta: VSF_TRITON=1 runs the merge kernel (one launch, selection flag set), VSF_TRITON=0
+    launches nothing; both outputs agree within dtype tolerance."""
+    layout = text_layout(7, 4, offset=40)
+    q, k, v = (heads_view(2, 3, layout.length, 16, dtype, s) for s in (1, 2, 3))
+    key = ("merge", q.device.type, q.device.index, dtype, 16)
+    monkeypatch.setenv("VSF_TRITON", "1")
+    monkeypatch.delenv("VSF_ATTENTION_BACKEND", raising=False)
+    attention_fast.reset_backend_cache()
+    with_kernel = attention_fast.vsf_joint(q, k, v, layout, 3.3, 0.2)
+    assert merge_launches() == 1 and attention_fast._TRITON_OK.get(key) is True
+    monkeypatch.setenv("VSF_TRITON", "0")
+    attention_fast.reset_backend_cache()
+    torch_path = attention_fast.vsf_joint(q, k, v, layout, 3.3, 0.2)
+    assert merge_launches() == 1 and key not in attention_fast._TRITON_OK
+    torch.testing.assert_close(with_kernel.float(), torch_path.float(), **TOL[dtype])
+    attention_fast.reset_backend_cache()
+
+
+def test_beta_inf_is_the_unguided_pass_even_with_kernels_forced(monkeypatch, merge_launches):
+    """beta = +inf removes N1: image and P rows are the unguided {I, P} pass bit for bit, no merge launch."""
     layout = text_layout(7, 4, offset=40)
     q, k, v = (heads_view(2, 3, layout.length, 16, torch.float32, s) for s in (1, 2, 3))
     monkeypatch.setenv("VSF_TRITON", "1")
     attention_fast.reset_backend_cache()
-    a = attention_fast.vsf_joint(q, k, v, layout, 0.0, float("inf"))
-    monkeypatch.setenv("VSF_TRITON", "0")
-    attention_fast.reset_backend_cache()
-    b = attention_fast.vsf_joint(q, k, v, layout, 0.0, float("inf"))
-    assert not any(key[0] == "merge" and ok for key, ok in attention_fast._TRITON_OK.items())
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    got = attention_fast.vsf_joint(q, k, v, layout, 3.3, float("inf"))
+    assert merge_launches() == 0
+    keep = (layout.roles() != 2).nonzero().flatten()
+    unguided, _ = attention_fast.attention_lse(q[:, :, keep], k[:, :, keep], v[:, :, keep], 0.25)
+    assert torch.equal(got[:, :, keep], unguided)
+    s = torch.matmul(q[:, :, keep].double(), k[:, :, keep].double().transpose(-1, -2)) * 0.25
+    torch.testing.assert_close(got[:, :, keep].double(), torch.softmax(s, -1) @ v[:, :, keep].double(),
+                               **TOL[torch.float32])
     attention_fast.reset_backend_cache()
 
 
