@@ -4,8 +4,11 @@
         --prompt "a cozy living room" --negative "plants" --preset "VSF Quality" --steps 8 --out room.png
 
 Loads any supported diffusers pipeline (hub id or local directory), runs one guided conditional pass
-and writes a PNG (video families: GIF or MP4) with the parameters as WebUI infotext. `--compare` writes
-one labelled grid: unguided | VSF | NAG | NASA.
+and writes a PNG (video families: GIF or MP4) with the parameters as WebUI infotext. An empty negative
+prompt gives the plain unguided image, and its infotext has no VSF keys. `--compare` writes one labelled
+grid, unguided | VSF | NAG | NASA: every column shares the step window and lambda, each method keeps its
+own numbers (the ones given, when it is the chosen method; else its preset / the family default), and
+the infotext records every column (`compare_infotext`).
 """
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .settings import VSFSettings, VSFSettingsError, family_default, from_preset, preset_names
+from .settings import (METHOD_LABELS, METHODS, VSFSettings, VSFSettingsError, family_default, from_preset,
+                       preset_names)
 
 METHOD_PRESET = {"nag": "NAG", "nasa": "NASA"}
 
@@ -97,11 +101,38 @@ def _frames(result):
     return result.images[0], False
 
 
+def compare_columns(settings: VSFSettings, family: str) -> list[tuple[str, VSFSettings | None]]:
+    """(method label, settings) per grid column: unguided (None), then VSF, NAG, NASA. The chosen
+    method's column is `settings` itself; the others take their own numbers (VSF: the family default,
+    NAG / NASA: their presets) with the step window and lambda of `settings`."""
+    own = {"vsf": family_default(family), "nag": from_preset("NAG"), "nasa": from_preset("NASA")}
+    shared = dict(start=settings.start, end=settings.end, flux_lambda=settings.flux_lambda)
+    columns: list[tuple[str, VSFSettings | None]] = [("unguided", None)]
+    for method in METHODS:
+        column = settings if method == settings.method else own[method].replace(**shared)
+        columns.append((METHOD_LABELS[method], column))
+    return columns
+
+
+def compare_label(label: str, settings: VSFSettings | None) -> str:
+    return label if settings is None else f"{label} a={settings.alpha:g} b={settings.beta:g}"
+
+
+def compare_infotext(columns: list[tuple[str, VSFSettings | None]]) -> dict[str, str]:
+    """Infotext entries of a comparison grid: `Compare` (the labels, left to right) and `Compare <i>`
+    per column (1-based): `none` for the unguided column, else that column's full VSF infotext as one
+    quoted value (`VSFSettings.from_infotext` reads it back)."""
+    out = {"Compare": " | ".join(compare_label(label, s) for label, s in columns)}
+    for i, (_, column) in enumerate(columns, 1):
+        out[f"Compare {i}"] = "none" if column is None else column.to_infotext_string()
+    return out
+
+
 def _run(pipe, adapter, args, settings: VSFSettings | None):
     from .diffusers import VSFGuidance
 
     kwargs = _call_kwargs(args, pipe, args.seed)
-    if settings is None or not args.negative.strip():
+    if settings is None:
         return _frames(pipe(prompt=args.prompt, **adapter.single_pass_kwargs(kwargs)))
     with VSFGuidance(pipe, args.negative, settings) as vsf:
         return _frames(vsf(prompt=args.prompt, **kwargs))
@@ -122,25 +153,28 @@ def generate(args) -> Path:
     from .diffusers import family_for
     from .output import infotext, labelled_grid, save_png, save_video
 
+    guided = bool(args.negative.strip())
+    if args.compare and not guided:
+        raise ValueError("--compare needs a negative prompt: without one every column is the unguided image")
     pipe, _ = _load(args)
     adapter = family_for(pipe)
-    settings = resolve_settings(args, adapter.family)
+    settings = resolve_settings(args, adapter.family)  # validated even when the image will be plain
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
-        variants = [("unguided", None), ("VSF", settings if settings.method == "vsf" else family_default(adapter.family)),
-                    ("NAG", settings if settings.method == "nag" else from_preset("NAG")),
-                    ("NASA", settings if settings.method == "nasa" else from_preset("NASA"))]
-        images, labels = [], []
-        for label, variant in variants:
-            print(f"[{len(images) + 1}/{len(variants)}] {label}", file=sys.stderr, flush=True)
-            image, is_video = _run(pipe, adapter, args, variant)
+        columns = compare_columns(settings, adapter.family)
+        images = []
+        for label, column in columns:
+            print(f"[{len(images) + 1}/{len(columns)}] {label}", file=sys.stderr, flush=True)
+            image, is_video = _run(pipe, adapter, args, column)
             images.append(image[0] if is_video else image)  # videos: compare first frames
-            labels.append(label if variant is None else f"{label} a={variant.alpha:g} b={variant.beta:g}")
-        grid = labelled_grid(images, labels)
-        params = _params(args, settings, images[0].size)
-        params["Compare"] = " | ".join(labels)
+        grid = labelled_grid(images, [compare_label(label, column) for label, column in columns])
+        params = {**_params(args, settings, images[0].size), **compare_infotext(columns)}
         return save_png(grid, out.with_suffix(".png"), infotext(args.prompt, args.negative, params))
+    if not guided:
+        print("note: the negative prompt is empty: writing the plain unguided image (no VSF parameters)",
+              file=sys.stderr)
+        settings = None
     image, is_video = _run(pipe, adapter, args, settings)
     text = infotext(args.prompt, args.negative, _params(args, settings, (image[0] if is_video else image).size))
     if is_video:

@@ -1,6 +1,7 @@
 """Writing results: PNGs and GIF/MP4 videos carrying WebUI-style infotext, and labelled comparison grids."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -10,11 +11,13 @@ INFOTEXT_KEY = "parameters"  # the PNG text chunk the WebUIs read and write
 
 
 def infotext(prompt: str, negative: str, params: dict[str, object]) -> str:
-    """`prompt\\nNegative prompt: ...\\nKey: value, ...`, the WebUIs' generation-parameters text."""
+    """`prompt\\nNegative prompt: ...\\nKey: value, ...`, the WebUIs' generation-parameters text. Like
+    the WebUIs, an empty negative prompt leaves out its line."""
     from .settings import _quote  # one quoting rule for every infotext writer
 
     line = ", ".join(f"{k}: {_quote(str(v))}" for k, v in params.items())
-    return f"{prompt}\nNegative prompt: {negative}\n{line}"
+    negative_line = f"Negative prompt: {negative}\n" if negative.strip() else ""
+    return f"{prompt}\n{negative_line}{line}"
 
 
 def save_png(image: Image.Image, path: str | Path, text: str) -> Path:
@@ -48,15 +51,94 @@ def save_video(frames: Sequence[Image.Image], path: str | Path, text: str, fps: 
     return path
 
 
+LABEL_MARGIN = 3  # white pixels at least between a label and its column's edges (and the image below)
+MIN_LABEL_PX = 9  # smallest font size used; narrower columns are widened instead of shrinking further
+MAX_LABEL_PX = 16
+
+
+def _label_font(size: int):
+    """Pillow's built-in font at `size` px (scalable with FreeType, Pillow >= 10.1), else the fixed
+    bitmap font (older Pillow): then there is one size only."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):
+        return None
+
+
+def _text_width(font, text: str) -> float:
+    if hasattr(font, "getlength"):
+        return font.getlength(text)
+    return font.getsize(text)[0]  # Pillow < 8
+
+
+def _line_height(font) -> int:
+    if hasattr(font, "getmetrics"):
+        ascent, descent = font.getmetrics()
+        return ascent + descent
+    return 11
+
+
+def _word_gap(font) -> float:
+    """Space between words: at small sizes the font's own space is 2 px, too little to read "VSF a=3"."""
+    size = getattr(font, "size", 11)
+    return max(_text_width(font, " "), 0.4 * size)
+
+
+def _label_pad(font) -> int:
+    """White kept on each side of a label inside its column: twice this separates adjacent labels,
+    clearly more than the gap between words of one label."""
+    return max(LABEL_MARGIN, round(0.5 * getattr(font, "size", 11)))
+
+
+def _line_width(font, words: Sequence[str]) -> float:
+    return sum(_text_width(font, w) for w in words) + _word_gap(font) * (len(words) - 1)
+
+
+def wrap_label(label: str, font, width: float) -> list[list[str]]:
+    """Greedy word wrap of `label` into lines (lists of words) no wider than `width`; a word wider
+    than `width` gets a line of its own (the caller sizes columns so that this does not happen)."""
+    lines: list[list[str]] = []
+    for word in label.split():
+        if lines and _line_width(font, [*lines[-1], word]) <= width:
+            lines[-1].append(word)
+        else:
+            lines.append([word])
+    return lines
+
+
+def _label_layout(labels: Sequence[str], image_width: int, image_height: int):
+    """(font, column width) for the caption strip: the largest font from a size that suits the images
+    down to MIN_LABEL_PX at which every word of every label fits the column; if none does, the
+    smallest font, and the column is widened to the widest word (the image is centred in it)."""
+    words = [w for label in labels for w in label.split()] or [""]
+    base = max(MIN_LABEL_PX, min(MAX_LABEL_PX, image_height // 6))
+    fonts = [f for f in (_label_font(size) for size in range(base, MIN_LABEL_PX - 1, -1)) if f is not None]
+    fonts = fonts or [ImageFont.load_default()]
+    for font in fonts:
+        if max(_text_width(font, w) for w in words) <= image_width - 2 * _label_pad(font):
+            return font, image_width
+    font = fonts[-1]
+    return font, int(math.ceil(max(_text_width(font, w) for w in words))) + 2 * _label_pad(font)
+
+
 def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str]) -> Image.Image:
-    """One row of images with a caption strip above each (people judge guidance by looking)."""
-    font = ImageFont.load_default()
+    """One row of images under a caption strip (people judge guidance by looking). Labels are wrapped
+    at spaces and drawn inside their own column, with a font that fits the column (see _label_layout),
+    so adjacent labels never touch, whatever the image size."""
     width = max(im.width for im in images)
     height = max(im.height for im in images)
-    strip = 14 if height < 128 else 24
-    grid = Image.new("RGB", (width * len(images), height + strip), "white")
+    font, column = _label_layout(labels, width, height)
+    pad = _label_pad(font)
+    wrapped = [wrap_label(label, font, column - 2 * pad) for label in labels]
+    line = _line_height(font)
+    strip = max(len(lines) for lines in wrapped) * line + 2 * LABEL_MARGIN
+    grid = Image.new("RGB", (column * len(images), height + strip), "white")
     draw = ImageDraw.Draw(grid)
-    for i, (im, label) in enumerate(zip(images, labels)):
-        grid.paste(im.convert("RGB"), (i * width, strip))
-        draw.text((i * width + 2, 1), label, fill="black", font=font)
+    for i, (im, lines) in enumerate(zip(images, wrapped)):
+        grid.paste(im.convert("RGB"), (i * column + (column - im.width) // 2, strip))
+        for j, words in enumerate(lines):
+            x = i * column + pad
+            for word in words:
+                draw.text((x, LABEL_MARGIN + j * line), word, fill="black", font=font)
+                x += _text_width(font, word) + _word_gap(font)
     return grid
