@@ -174,6 +174,23 @@ def test_a1111_single_pass_option_is_restored_on_every_path():
         assert sd_model.apply_model is host_apply_model
 
 
+def test_a1111_single_pass_leaves_no_skip_early_cfg_in_the_infotext(host):
+    # A1111's CFG denoiser writes "Skip Early CFG" into p.extra_generation_params on every model call while
+    # the option is set; the infotext write replaces that dict during the pass. Pasting such an infotext
+    # would turn CFG off for later images, so nothing VSF set for the run may be left in it.
+    p = host.process_images(Processing(host, sd_model=DoubleModel(a1111_single_pass=True)), ON)
+    assert p.trace and all(s["guided"] for s in p.trace)
+    assert "Skip Early CFG" not in p.extra_generation_params and p.extra_generation_params["VSF method"] == "vsf"
+    assert host.opts.data["skip_early_cond"] == 0.0
+    # the user's own option: written by the host as before when VSF is off ...
+    host.opts.data["skip_early_cond"] = 0.5
+    plain = host.process_images(Processing(host, sd_model=DoubleModel(a1111_single_pass=True)), host.ui_defaults())
+    assert plain.extra_generation_params == {"Skip Early CFG": 0.5}
+    # ... and with VSF on (which skips every uncond pass itself) neither 1.0 nor the user's value is recorded
+    guided = host.process_images(Processing(host, sd_model=DoubleModel(a1111_single_pass=True)), ON)
+    assert "Skip Early CFG" not in guided.extra_generation_params and host.opts.data["skip_early_cond"] == 0.5
+
+
 # -- XYZ -----------------------------------------------------------------------------------------------------
 
 def test_xyz_axes_are_registered_once(host):

@@ -179,10 +179,13 @@ HOST_ATTENTION = _host_attention
 
 
 class DoubleModel:
-    """A supported model: `DoubleAdapter` matches it. `supported=False` makes an unknown model."""
+    """A supported model: `DoubleAdapter` matches it. `supported=False` makes an unknown model.
+    `a1111_single_pass=True`: the adapter forces its single pass the A1111 way (the `skip_early_cond`
+    option, `A1111SD3Adapter._force_single_pass`), as the A1111 SD3 and UNet adapters do."""
 
-    def __init__(self, supported=True):
+    def __init__(self, supported=True, a1111_single_pass=False):
         self.is_double = supported
+        self.a1111_single_pass = a1111_single_pass
         self.encoded: list[list[str]] = []
         self.attached: list[SamplingContext] = []
         self.undone = 0
@@ -209,6 +212,9 @@ class DoubleAdapter(HostAdapter):
         return NegativeText.from_sequences([torch.ones(len(x.split()), 4) for x in negative_prompts])
 
     def attach(self, p, ctx):
+        if ctx.single_pass and self.sd_model.a1111_single_pass:
+            from lib_vsf.webui.hosts.a1111_sd3 import A1111SD3Adapter
+            A1111SD3Adapter._force_single_pass(self, p, ctx)
         self.sd_model.attached.append(ctx)
 
         def undo():
@@ -266,6 +272,7 @@ class Processing:
                 params = CFGDenoiserParams(None, None, step, self.steps, "cond", "uncond", denoiser)
                 for callback in self.host.callbacks["cfg_denoiser"]:
                     callback(params)
+                self.host.skip_early_cfg(self, step)
                 ctx = self.sd_model.attached[-1] if getattr(self.sd_model, "attached", None) else None
                 out = ATTENTION_MODULE.attention(torch.ones(1), torch.ones(1), torch.ones(1))
                 self.trace.append({"hires": hires, "step": step, "patched": ATTENTION_MODULE.attention is not HOST_ATTENTION,
@@ -303,6 +310,15 @@ class HostDouble:
             hosts.ADAPTERS.remove(DoubleAdapter)
         ATTENTION_MODULE.attention = HOST_ATTENTION
         return False
+
+    def skip_early_cfg(self, p, step):
+        """A1111's CFG denoiser (`sd_samplers_cfg_denoiser.py`), right after the `cfg_denoiser`
+        callbacks of each model call: with the `skip_early_cond` option set and the step inside it, the
+        uncond pass is skipped and `p.extra_generation_params["Skip Early CFG"]` is written (into the
+        dict `p` holds at that moment)."""
+        skip = getattr(self.opts, "skip_early_cond", 0.0)
+        if skip != 0.0 and step / max(p.steps, 1) <= skip:
+            p.extra_generation_params["Skip Early CFG"] = skip
 
     @property
     def callbacks(self):
