@@ -6,7 +6,7 @@ import pytest
 
 from lib_vsf.settings import VSFSettings, VSFSettingsError, parse_infotext
 from lib_vsf.webui import runner
-from webui_host_double import ATTENTION_MODULE, HOST_ATTENTION, DoubleModel, Processing, host_double
+from webui_host_double import ATTENTION_MODULE, HOST_ATTENTION, DoubleModel, Img2ImgProcessing, Processing, host_double
 
 ON = [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True]
 
@@ -95,7 +95,23 @@ def test_bad_api_values_fail_the_request_clearly_and_change_nothing(host):
     assert p.trace == [] and p.extra_generation_params == {} and p.sd_model.encoded == []
     assert ATTENTION_MODULE.attention is HOST_ATTENTION
     host.run_hook("postprocess", p)  # the host's next cleanup unwraps the refusal
-    assert "sample" not in vars(p)
+    assert "sample" not in vars(p) and "init" not in vars(p)
+
+
+def test_refused_img2img_leaves_the_next_image_exactly_as_it_would_have_been(host):
+    # img2img's init VAE-encodes the init image with the global torch RNG after the scripts' process hook;
+    # a request refused only in p.sample has already moved that RNG, and the next img2img differs.
+    import torch
+
+    torch.manual_seed(1234)
+    alone = host.process_images(Img2ImgProcessing(host), ON).samples
+    torch.manual_seed(1234)
+    refused = Img2ImgProcessing(host)
+    with pytest.raises(VSFSettingsError, match="alpha must be between"):
+        host.process_images(refused, host.api_args([{"alpha": 500}]))
+    assert refused.init_latent is None and refused.extra_generation_params == {}  # the host's init never ran
+    after = host.process_images(Img2ImgProcessing(host), ON).samples
+    assert torch.equal(after, alone)
 
 
 # -- unsupported models and changed hosts ------------------------------------------------------------------

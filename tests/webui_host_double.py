@@ -7,7 +7,8 @@ documented to behave (../shared/docs/HOSTS.md):
 - `modules.scripts` (`Script`, `AlwaysVisible`, `scripts_data` holding an `xyz_grid.py` entry),
   `modules.script_callbacks` (`on_cfg_denoiser`, `on_before_ui`), `modules.shared.opts`;
 - `HostDouble.load_script()` imports `scripts/vsf.py` the way hosts load extension scripts;
-- `process_images(p)` runs the hooks in the hosts' order, swallowing hook exceptions as hosts do, and
+- `process_images(p)` runs the hooks in the hosts' order (`process`, then `p.init`, then `p.sample` per
+  batch), swallowing hook exceptions as hosts do; `Img2ImgProcessing.init` draws from the global RNG; and
   `p.sample` runs a few denoiser steps that fire `on_cfg_denoiser` and call the "model"
   (`ATTENTION_MODULE.attention`), with an optional hires pass, an interrupt, or an exception;
 - `api_args(...)`: `alwayson_scripts` copied verbatim into the script's slots, over the UI defaults;
@@ -251,6 +252,9 @@ class Processing:
     def comment(self, text):
         self.comments[text] = 1
 
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        """`StableDiffusionProcessingTxt2Img.init`: nothing the extension can see."""
+
     def sample(self, **kwargs):
         """txt2img sampling: first pass and, with hires fix, a second pass; both call the hook."""
         out = self._pass(hires=False)
@@ -280,6 +284,32 @@ class Processing:
         except InterruptedException:
             pass  # hosts' samplers return the last latent on interrupt / skip
         return "latents"
+
+
+class Img2ImgProcessing(Processing):
+    """`StableDiffusionProcessingImg2Img`: `init` (after the scripts' `process`, before any `sample`)
+    VAE-encodes the init image, and the latent distribution's `sample()` draws from the *global* torch
+    RNG (`torch.randn(mean.shape)`: A1111 ldm/sgm `DiagonalGaussianDistribution`, Forge/Neo
+    `backend/nn/vae.py`); `sample` then seeds its own noise (`p.rng.next()`, `torch.manual_seed(seed)`)
+    and denoises. `samples` holds the result, which therefore depends on the global RNG state at `init`."""
+
+    def __init__(self, host, seed=7, latent_shape=(4, 8, 8), **kwargs):
+        super().__init__(host, **kwargs)
+        self.seed, self.latent_shape = seed, latent_shape
+        self.init_latent = None
+        self.samples = None
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        self.extra_generation_params["Denoising strength"] = 0.75
+        image = torch.full((self.batch_size, *self.latent_shape), 0.5)
+        self.init_latent = image + 0.1 * torch.randn(image.shape)  # the VAE's latent sample, global RNG
+
+    def sample(self, **kwargs):
+        torch.manual_seed(self.seed)
+        noise = torch.randn(self.init_latent.shape)
+        super().sample(**kwargs)
+        self.samples = self.init_latent + 0.75 * noise
+        return self.samples
 
 
 class HostDouble:
@@ -366,6 +396,7 @@ class HostDouble:
         """The hosts' process_images for one script: process, batches (sample), postprocess."""
         p.script_args = list(script_args)
         self.run_hook("process", p)
+        p.init(None, None, None)  # all_prompts, all_seeds, all_subseeds: unused by the double
         for n in range(p.n_iter):
             p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
             p.is_hr_pass = False

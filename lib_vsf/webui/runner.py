@@ -188,9 +188,21 @@ def _pass_negative_prompts(p: Any) -> list[str]:
 
 
 def _refuse(error: Exception):
-    def sample(*_args, **_kwargs):
+    def refused(*_args, **_kwargs):
         raise error
-    return sample
+    return refused
+
+
+def _install_refusal(p: Any, error: Exception) -> AttributePatch:
+    """Make the request fail with `error` at the first host step that can carry it out. Every host calls
+    `p.init` right after the scripts' `process` hook and before anything else of the generation; img2img's
+    `init` VAE-encodes the init image with the global torch RNG (and writes infotext, may save the init
+    image), so refusing there leaves the RNG, and so the next image, exactly as they were. `p.sample`
+    refuses too, for a host path that skips `init`."""
+    patch = AttributePatch()
+    if callable(getattr(p, "init", None)):
+        patch.add(p, "init", _refuse(error))
+    return patch.add(p, "sample", _refuse(error)).apply()
 
 
 def argument_error(message: str) -> VSFSettingsError:
@@ -223,8 +235,7 @@ def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
         args = apply_overrides(parse_script_args(script_args), getattr(p, OVERRIDES_ATTR, None))
     except VSFSettingsError as exc:
         log.error("[VSF] %s", exc)
-        refusal = AttributePatch().add(p, "sample", _refuse(argument_error(f"Value Sign Flip: {exc}"))).apply()
-        setattr(p, GENERATION_ATTR, refusal)
+        setattr(p, GENERATION_ATTR, _install_refusal(p, argument_error(f"Value Sign Flip: {exc}")))
         return None
     if not args.enabled:
         return None
