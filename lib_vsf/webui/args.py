@@ -63,13 +63,10 @@ def method_key(value: Any) -> str:
 
 
 def as_bool(name: str, value: Any) -> bool:
-    """A flag from the UI (bool) or JSON (bool, 0/1, "true"/"false")."""
+    """A flag: JSON `true`/`false` (the UI's checkboxes send bools too). Nothing else is guessed at:
+    `"yes"`, `"false"`, `1` or `null` are refused, so a typo cannot silently turn VSF on or off."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
     raise VSFSettingsError(f"VSF {name} must be true or false, got {value!r}")
 
 
