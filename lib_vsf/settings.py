@@ -298,8 +298,11 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _format_value(value: Any) -> str:
+    """Numbers as the shortest text that reads back as the same float (`repr`), whole numbers without
+    `.0`: 3.3 -> "3.3", 1.0 -> "1", 1.23456789 -> "1.23456789" (never rounded)."""
     if isinstance(value, float):
-        return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else repr(value)
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
     return str(value)
 
 

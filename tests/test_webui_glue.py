@@ -59,6 +59,9 @@ def test_infotext_pastes_back_into_the_same_ui_values(host):
     params = parse_infotext(host.infotext(p))
     assert host.paste(params) == values
     assert VSFSettings.from_infotext(params).tau == 5.0  # NAG Strong's tau survives the round trip
+    # numbers are written exactly (not to 6 significant digits), so they paste back exactly
+    exact = [True, "VSF", "Custom", 1.23456789, 0.123456789, 7.77777777777, 1.0 / 3.0, 0.987654321, True]
+    assert host.paste(parse_infotext(host.infotext(host.process_images(Processing(host), exact)))) == exact
     # an infotext without VSF switches the accordion off and leaves the rest alone
     assert host.paste(parse_infotext("a cat\nSteps: 4, Sampler: Euler"))[0] is False
 
