@@ -198,9 +198,15 @@ def matching_preset(settings: VSFSettings) -> str:
 
 
 # -- validation -------------------------------------------------------------------------------------
-ALPHA_MAX = 100.0
-BETA_MAX = 100.0
-LAMBDA_MAX = 100.0
+# One range per number for every entry point (UI sliders, HTTP API, XYZ, CLI, diffusers), so any value
+# an image was made with can be shown by the UI's sliders when its infotext is pasted. Wide enough for
+# every published setting (NAG Strong phi 11, Flux lambda 8); beyond them nothing useful happens (VSF's
+# bias e^-10 already removes the negative; NAG's blend is capped at 1 separately).
+ALPHA_MAX = 20.0
+BETA_MAX = 10.0
+LAMBDA_MAX = 20.0
+RANGES = {"alpha": (0.0, ALPHA_MAX), "beta": (0.0, BETA_MAX), "flux_lambda": (0.0, LAMBDA_MAX),
+          "start": (0.0, 1.0), "end": (0.0, 1.0)}
 
 
 def _finite(name: str, value: Any) -> float:
@@ -224,12 +230,12 @@ def _validate(s: VSFSettings) -> None:
     if not isinstance(s.method, str) or s.method.strip().lower() not in METHODS:
         raise VSFSettingsError(f"unknown VSF method {s.method!r}; choose one of: {', '.join(METHODS)}")
     set_(s, "method", s.method.strip().lower())
-    set_(s, "alpha", _in_range("alpha", s.alpha, 0.0, ALPHA_MAX))
-    set_(s, "beta", _in_range("beta", s.beta, 0.0, BETA_MAX))
+    set_(s, "alpha", _in_range("alpha", s.alpha, *RANGES["alpha"]))
+    set_(s, "beta", _in_range("beta", s.beta, *RANGES["beta"]))
     set_(s, "tau", _in_range("tau", s.tau, 1e-6, 1e6))
-    set_(s, "flux_lambda", _in_range("lambda", s.flux_lambda, 0.0, LAMBDA_MAX))
-    set_(s, "start", _in_range("start", s.start, 0.0, 1.0))
-    set_(s, "end", _in_range("end", s.end, 0.0, 1.0))
+    set_(s, "flux_lambda", _in_range("lambda", s.flux_lambda, *RANGES["flux_lambda"]))
+    set_(s, "start", _in_range("start", s.start, *RANGES["start"]))
+    set_(s, "end", _in_range("end", s.end, *RANGES["end"]))
     if s.start >= s.end:
         raise VSFSettingsError(f"VSF start ({s.start:g}) must be smaller than end ({s.end:g})")
     if s.method == "nag" and s.beta > 1.0:

@@ -93,7 +93,7 @@ def test_api_positional_list_and_object_give_the_same_generation_as_the_ui(host)
 
 def test_bad_api_values_fail_the_request_clearly_and_change_nothing(host):
     p = Processing(host)
-    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 100"):
+    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 20, got 500"):
         host.process_images(p, host.api_args([{"alpha": 500}]))
     assert p.trace == [] and p.extra_generation_params == {} and p.sd_model.encoded == []
     assert ATTENTION_MODULE.attention is HOST_ATTENTION

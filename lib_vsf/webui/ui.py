@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettingsError
+from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, RANGES, VSFSettingsError
 from . import infotext
 from .args import UI_ARGS, UI_DEFAULTS, method_key
 
@@ -31,13 +31,10 @@ LABELS = {
     "end": "End (fraction of steps)",
     "single_pass": "Single pass (replace CFG)",
 }
-SLIDERS = {  # name: (minimum, maximum, step)
-    "alpha": (0.0, 15.0, 0.05),
-    "beta": (0.0, 2.0, 0.01),
-    "lambda": (0.0, 16.0, 0.5),
-    "start": (0.0, 1.0, 0.01),
-    "end": (0.0, 1.0, 0.01),
-}
+# name: (minimum, maximum, step). The range is the one the settings accept (`settings.RANGES`), the same
+# for the API, so every value an image was made with fits the slider when its infotext is pasted.
+SLIDERS = {name: (*RANGES["flux_lambda" if name == "lambda" else name], step)
+           for name, step in (("alpha", 0.05), ("beta", 0.01), ("lambda", 0.1), ("start", 0.01), ("end", 0.01))}
 
 
 @dataclass
