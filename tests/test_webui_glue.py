@@ -2,6 +2,8 @@
 list and object forms, infotext round trip, XYZ axes, and every restore path of a generation."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lib_vsf.settings import VSFSettings, VSFSettingsError, parse_infotext
@@ -234,10 +236,40 @@ def test_every_xyz_cell_uses_its_own_value(host):
 
 def test_xyz_confirm_rejects_bad_values_before_the_grid_runs(host):
     host.callbacks["before_ui"][0]()
-    option = next(o for o in host.xyz.axis_options if o.label == "[VSF] Beta")
-    option.confirm(None, [0.0, 0.5])
-    with pytest.raises(VSFSettingsError):
-        option.confirm(None, [0.1, -3.0])
+    with pytest.raises(VSFSettingsError) as error:
+        host.run_xyz(Processing(host), [("[VSF] Beta", [0.1, -5.0])], ON)
+    # the range error's own message (not "is not a number"), naming the cell; no cell ran
+    assert str(error.value) == ("Value Sign Flip, X/Y/Z cell [VSF] Beta: -5.0: "
+                                "VSF beta must be between 0 and 10, got -5")
+    cells = host.run_xyz(Processing(host), [("[VSF] Beta", [0.0, 0.5])], ON)
+    assert [c.extra_generation_params["VSF beta"] for c in cells] == ["0", "0.5"] and not host.hook_errors
+
+
+@pytest.mark.parametrize("script_args, axes, message", [
+    # NAG's blend is capped at 1: fine for VSF Quality alone, wrong in the NAG column of this grid
+    (ON, [("[VSF] Method", ["VSF", "NAG"]), ("[VSF] Beta", [0.2, 2.0])],
+     "cell [VSF] Method: NAG, [VSF] Beta: 2.0: NAG blend (beta) must be between 0 and 1, got 2"),
+    # the UI's end 0.5 with a start axis reaching past it
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 0.5, True], [("[VSF] Start", [0.0, 0.6])],
+     "cell [VSF] Start: 0.6: VSF start (0.6) must be smaller than end (0.5)"),
+    # the API object's end, with the accordion's arguments given as one dict
+    ([{"end": 0.4}], [("[VSF] Alpha", [1.0]), ("[VSF] Start", [0.2, 0.4])],
+     "cell [VSF] Alpha: 1.0, [VSF] Start: 0.4: VSF start (0.4) must be smaller than end (0.4)"),
+])
+def test_xyz_confirm_checks_each_cell_against_its_real_settings(host, script_args, axes, message):
+    # Checked against VSF Quality alone, these passed confirm and then failed inside their cells, which the
+    # X/Y/Z script only reports to the console (the cell stays empty).
+    host.callbacks["before_ui"][0]()
+    p = Processing(host)
+    with pytest.raises(VSFSettingsError, match=re.escape(message)):
+        host.run_xyz(p, axes, script_args)
+    assert p.trace == [] and not host.hook_errors
+
+
+def test_xyz_confirm_refuses_bad_script_arguments_before_the_grid(host):
+    host.callbacks["before_ui"][0]()
+    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 20, got 50"):
+        host.run_xyz(Processing(host), [("[VSF] Beta", [0.1])], [{"alpha": 50}])
 
 
 def test_a_new_generation_never_starts_on_top_of_live_patches(host):

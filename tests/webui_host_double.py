@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import itertools
 import os
 import sys
 import types
@@ -429,6 +430,36 @@ class HostDouble:
             if value is not None:
                 current[id(component)] = value
         return [current[id(c)] for c in self.components]
+
+    def as_request(self, p: Processing, script_args: list) -> Processing:
+        """`p` as the UI/API hands it to a selectable script: `p.scripts` is the script runner, whose
+        always-on scripts own slices of `p.script_args` (slot 0 is the selectable script's index)."""
+        self.script.args_from, self.script.args_to = 1, 1 + len(self.components)
+        p.scripts = types.SimpleNamespace(alwayson_scripts=[self.script])
+        p.script_args = [0, *script_args, "X/Y/Z plot args"]
+        return p
+
+    def run_xyz(self, p: Processing, axes: list, script_args: list) -> list:
+        """The X/Y/Z plot's `run` (xyz_grid.py): every axis's `confirm(p, values)` in X, Y, Z order before
+        any cell, then one cell per combination (`copy(p)`, each axis's `apply`, `process_images`), a
+        cell's exception reported and the cell left empty (`errors.display`, `Processed(p, [])`)."""
+        self.as_request(p, script_args)
+        options = [(next(o for o in self.xyz.axis_options if o.label == label), values) for label, values in axes]
+        for option, values in options:
+            if option.confirm:
+                option.confirm(p, values)
+        cells = []
+        for combination in itertools.product(*(values for _, values in options)):
+            cell = copy.copy(p)
+            cell.comments, cell.trace = {}, []
+            for (option, values), value in zip(options, combination):
+                option.apply(cell, value, values)
+            try:
+                cells.append(self.process_images(cell, script_args))
+            except Exception as exc:  # noqa: BLE001 - the host's errors.display
+                self.hook_errors.append(f"xyz cell: {type(exc).__name__}: {exc}")
+                cells.append(None)
+        return cells
 
     def xyz_cell(self, p: Processing, **axes) -> Processing:
         """A copy of `p` with VSF axis values applied, as the XYZ script does per cell."""

@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 from ..settings import (CUSTOM_PRESET, DEFAULT_PRESET, METHOD_LABELS, PRESETS, VSFSettings, VSFSettingsError,
                         from_preset, matching_preset)
 
+SCRIPT_TITLE = "Value Sign Flip"  # the script's title: its key in the API's `alwayson_scripts`
 UI_ARGS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass")
 API_KEYS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "tau")
 

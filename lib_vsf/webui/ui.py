@@ -15,11 +15,11 @@ from typing import Any
 
 from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, RANGES, VSFSettingsError
 from . import infotext
-from .args import UI_ARGS, UI_DEFAULTS, method_key
+from .args import SCRIPT_TITLE, UI_ARGS, UI_DEFAULTS, method_key
 
 log = logging.getLogger("vsf")
 
-TITLE = "Value Sign Flip"
+TITLE = SCRIPT_TITLE
 ELEM_PREFIX = "vsf"
 LABELS = {
     "method": "Method",
