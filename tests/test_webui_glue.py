@@ -124,7 +124,9 @@ def test_refused_img2img_leaves_the_next_image_exactly_as_it_would_have_been(hos
 def test_unsupported_model_gets_one_warning_and_an_untouched_generation(host):
     p = host.process_images(Processing(host, sd_model=DoubleModel(supported=False), enable_hr=True), ON)
     assert len(p.comments) == 1 and "not supported" in next(iter(p.comments))
-    assert not any(s["patched"] for s in p.trace) and p.extra_generation_params == {}
+    assert not any(s["patched"] for s in p.trace)
+    # API users see the note in the infotext (their `info` has no comments); no VSF settings are written
+    assert p.extra_generation_params == {"VSF note": next(iter(p.comments))}
     assert_untouched(host, p)
 
 
@@ -137,13 +139,52 @@ def test_changed_host_function_is_refused_with_a_message_not_a_stack_trace(host,
     assert not host.hook_errors and p.sd_model.attached == []
 
 
-def test_backend_note_and_empty_negative_are_shown_once(host, monkeypatch):
+def test_backend_note_is_shown_once_under_the_image_and_in_the_infotext(host, monkeypatch):
     from webui_host_double import DoubleAdapter
-    monkeypatch.setattr(DoubleAdapter, "backend_note", lambda self: "xformers cannot carry the mask")
+    monkeypatch.setattr(DoubleAdapter, "backend_note", lambda self: "xformers cannot carry the mask, so: SDPA")
+    p = host.process_images(Processing(host, enable_hr=True), ON)
+    assert list(p.comments) == ["xformers cannot carry the mask, so: SDPA"]
+    assert p.extra_generation_params["VSF note"] == "xformers cannot carry the mask, so: SDPA"
+    assert all(s["guided"] for s in p.trace)
+    # the note survives the host's infotext quoting and pasting it back changes nothing else
+    params = parse_infotext(host.infotext(p))
+    assert params["VSF note"] == "xformers cannot carry the mask, so: SDPA" and host.paste(params) == ON
+
+
+def test_empty_negative_gives_the_host_image_and_says_so_without_vsf_settings(host):
+    plain = host.process_images(Processing(host, negative_prompt="", enable_hr=True), host.ui_defaults())
     p = host.process_images(Processing(host, negative_prompt="", enable_hr=True), ON)
-    assert sorted(p.comments) == ["VSF: the negative prompt is empty, so there is nothing to steer away from.",
-                                  "xformers cannot carry the mask"]
-    assert not any(s["guided"] for s in p.trace)
+    assert p.trace == plain.trace and not any(s["patched"] for s in p.trace)
+    assert p.sd_model.attached == []  # no single pass forced either: the host's own CFG runs
+    (note,) = p.comments
+    assert "negative prompt is empty" in note and "without VSF" in note
+    assert p.extra_generation_params == {"VSF note": note}
+    assert host.paste(parse_infotext(host.infotext(p)))[0] is False  # pasting it gives the same plain image
+    assert_untouched(host, p)
+
+
+def test_notes_reach_a_console_that_shows_only_errors(host):
+    # Forge Neo's logging_config.setup_logging: root at ERROR, one handler; WARNING records are dropped
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    root, collect = logging.getLogger(), Collect()
+    saved = root.level, root.handlers[:]
+    root.handlers[:] = [collect]
+    root.setLevel(logging.ERROR)
+    try:
+        host.process_images(Processing(host, sd_model=DoubleModel(supported=False)), ON)
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+    assert any("not supported on this host" in m for m in collect.messages)
 
 
 # -- every restore path -------------------------------------------------------------------------------------
@@ -275,7 +316,7 @@ def test_xyz_confirm_refuses_bad_script_arguments_before_the_grid(host):
 def test_a_new_generation_never_starts_on_top_of_live_patches(host):
     # A host path that bypasses both the p.sample wrapper and postprocess (never seen; belt and braces).
     stray = Processing(host)
-    stray.script_args = ON
+    stray.script_args, stray.negative_prompts = ON, stray.all_negative_prompts
     host.run_hook("process", stray)
     host.run_hook("process_before_every_sampling", stray)
     assert ATTENTION_MODULE.attention is not HOST_ATTENTION

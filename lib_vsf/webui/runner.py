@@ -11,8 +11,10 @@ Lifecycle (all hosts):
 - `begin_pass(p)` (`process_before_every_sampling`, also for the hires-fix pass): find the adapter
   for `p.sd_model`, check the host code, encode this pass's negative prompts, let the adapter attach
   (negative into the text stream, one conditional pass) and apply its attention patch. Unsupported
-  model or host, or a host that changed: one visible warning (`p.comment`), nothing patched, the
-  image is exactly what the host makes without the extension.
+  model or host, a host that changed, or an empty negative prompt: one note, nothing patched, the
+  image is exactly what the host makes without the extension. Every note goes under the image
+  (`p.comment`), into the infotext as `VSF note` (the only place HTTP API users see it) and to the
+  console (the `vsf` logger at WARNING, shown on every host).
 - `on_cfg_denoiser(params)` (registered once per process): step index for the step window.
 - `end_pass()` (the `p.sample` wrapper's `finally`, `postprocess`, and any new `begin_pass`): run the
   pass's undo list in reverse, each step guarded, so one failing undo cannot leave the others undone.
@@ -34,8 +36,15 @@ from .hosts.base import HostAdapter, SamplingContext
 from .xyz import OVERRIDES_ATTR, apply_overrides
 
 log = logging.getLogger("vsf")
+# Notes are per-image messages for the user. Forge Neo configures the root logger at ERROR by default
+# (`modules/logging_config.py`), which would hide them from its console; A1111 and Forge print WARNING
+# anyway. Our own logger's level lets them through on every host unless someone set it explicitly.
+if log.level == logging.NOTSET:
+    log.setLevel(logging.WARNING)
 
 GENERATION_ATTR = "vsf_generation"
+EMPTY_NEGATIVE = ("VSF: the negative prompt is empty, so there is nothing to steer away from; this image was "
+                  "generated without VSF.")
 UNSUPPORTED = ("VSF: {model} is not supported on this host yet; this image was generated without VSF "
                "(supported: {supported}).")
 
@@ -68,8 +77,11 @@ class Generation:
         self.warnings.append(message)
         log.warning("[VSF] %s", message)
         p = self._p()
-        if p is not None and callable(getattr(p, "comment", None)):
-            p.comment(message)
+        if p is None:
+            return
+        if callable(getattr(p, "comment", None)):
+            p.comment(message)  # under the image in the UI (the HTTP API's `info` has no comments)
+        infotext.write_notes(p, self.warnings)  # in the infotext, for API users and saved images
 
     # -- sampling passes ----------------------------------------------------------------------------
     def begin_pass(self, p: Any) -> bool:
@@ -86,6 +98,9 @@ class Generation:
         try:
             adapter.check()
             negative = self._negative_for(p, adapter)
+            if negative.is_empty:  # nothing to steer away from: the host's own image, no VSF keys
+                self.warn(EMPTY_NEGATIVE)
+                return False
             ctx = SamplingContext(self.run, negative, self.args.single_pass)
             self.ctx = ctx
             adapter.attach(p, ctx)
@@ -108,8 +123,6 @@ class Generation:
         note = adapter.backend_note()
         if note:
             self.warn(note)
-        if negative.is_empty:
-            self.warn("VSF: the negative prompt is empty, so there is nothing to steer away from.")
         infotext.write(p, self.args)
         return True
 
