@@ -141,6 +141,8 @@ class VSFSettings:
 PRESETS: dict[str, VSFSettings] = {}
 CUSTOM_PRESET = "Custom"
 DEFAULT_PRESET = "VSF Quality"
+# Not a fixed set of numbers: "whatever suits the model", resolved once the model is known (`model_default`).
+MODEL_DEFAULT_PRESET = "Model default"
 
 
 def _register_presets():
@@ -185,6 +187,21 @@ def family_default(family: str) -> VSFSettings:
         raise VSFSettingsError(
             f"unknown model family {family!r}; known: {', '.join(FAMILY_DEFAULTS)}"
         ) from None
+
+
+def model_default(family: str | None, method: str = "vsf") -> VSFSettings:
+    """What a caller who names no preset gets: for VSF the model family's default (`FAMILY_DEFAULTS`;
+    VSF Quality while the family is unknown or has none), for NAG and NASA their own preset."""
+    if method == "nag":
+        return PRESETS["NAG"]
+    if method == "nasa":
+        return PRESETS["NASA"]
+    return FAMILY_DEFAULTS.get(family or "", PRESETS[DEFAULT_PRESET])
+
+
+def dict_field(key: Any) -> str | None:
+    """The settings field a flat-dict key names (`"lambda"` -> `"flux_lambda"`), or None."""
+    return _canonical_key(key)
 
 
 def matching_preset(settings: VSFSettings) -> str:

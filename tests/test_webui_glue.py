@@ -83,6 +83,28 @@ def test_hires_pass_is_covered_and_per_batch_negatives_are_used(host):
     assert_untouched(host, p)
 
 
+def test_no_preset_gives_the_model_family_default_and_the_infotext_says_so(host, monkeypatch):
+    from webui_host_double import DoubleAdapter
+
+    ui_on = host.ui_defaults()
+    ui_on[0] = True  # the accordion opened, nothing else touched: the preset dropdown shows "Model default"
+    for family, (alpha, beta, flux_lambda) in {"sd3": ("3.5", "0.1", "0"), "flux": ("6", "0.2", "8")}.items():
+        monkeypatch.setattr(DoubleAdapter, "family", family)
+        from_ui = host.process_images(Processing(host), ui_on)
+        from_api = host.process_images(Processing(host), host.api_args([{"enabled": True}]))
+        for p in (from_ui, from_api):
+            params = p.extra_generation_params
+            assert (params["VSF alpha"], params["VSF beta"], params["VSF lambda"]) == (alpha, beta, flux_lambda)
+            assert params["VSF preset"] == "Model default"
+        # pasting it shows the numbers it was made with, which then give the same settings on any model
+        pasted = host.paste(parse_infotext(host.infotext(from_api)))
+        assert pasted[2] == "Custom" and pasted[3:6] == [float(alpha), float(beta), float(flux_lambda)]
+        monkeypatch.setattr(DoubleAdapter, "family", "wan")
+        again = host.process_images(Processing(host), pasted)
+        assert {k: v for k, v in again.extra_generation_params.items() if k != "VSF preset"} == \
+            {k: v for k, v in from_api.extra_generation_params.items() if k != "VSF preset"}
+
+
 # -- the HTTP API forms ------------------------------------------------------------------------------------
 
 def test_api_positional_list_and_object_give_the_same_generation_as_the_ui(host):
@@ -273,6 +295,15 @@ def test_every_xyz_cell_uses_its_own_value(host):
     assert [r.extra_generation_params["VSF alpha"] for r in results] == ["1", "2.5"]
     assert not hasattr(base, "vsf_xyz")  # cells never share or mutate the base's overrides
     assert host.process_images(off, ON).extra_generation_params == {}
+
+
+def test_xyz_preset_axis_offers_the_model_default(host):
+    host.callbacks["before_ui"][0]()
+    ui_window = [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.25, 0.75, True]
+    cells = host.run_xyz(Processing(host), [("[VSF] Preset", ["Model default", "VSF Quality"])], ui_window)
+    params = [c.extra_generation_params for c in cells]
+    assert [(q["VSF preset"], q["VSF alpha"], q["VSF beta"], q["VSF start"]) for q in params] == \
+        [("Model default", "3.5", "0.1", "0.25"), ("VSF Quality", "3.3", "0.2", "0.25")]  # the double is "sd3"
 
 
 def test_xyz_confirm_rejects_bad_values_before_the_grid_runs(host):

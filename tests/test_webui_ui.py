@@ -20,7 +20,8 @@ def test_controls_labels_defaults_and_ids():
     with host_double() as host:
         labels = [c.label for c in host.components]
         assert labels[0] == "Value Sign Flip" and labels[-1] == "Single pass (replace CFG)"
-        assert by_label(host, "preset").kwargs["choices"] == [*PRESETS, "Custom"]
+        assert by_label(host, "preset").kwargs["choices"] == ["Model default", *PRESETS, "Custom"]
+        assert by_label(host, "preset").value == "Model default"
         assert by_label(host, "method").kwargs["choices"] == ["VSF", "NAG", "NASA"]
         assert by_label(host, "single_pass").value is True
         assert len({c.elem_id for c in host.components}) == 9

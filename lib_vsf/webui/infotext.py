@@ -72,8 +72,12 @@ def paste_fields() -> list[tuple[str, Callable[[Mapping[str, Any]], Any]]]:
         return read(params) is not None
 
     def preset(args: ScriptArgs) -> str:
+        # An infotext holds the numbers the image was made with: `Model default` (resolved for the model
+        # that made it) pastes as the preset those numbers match, or `Custom`, so the sliders are used.
         from ..settings import PRESETS
-        return args.preset if args.preset in PRESETS or args.preset == CUSTOM_PRESET else CUSTOM_PRESET
+        if args.preset in PRESETS or args.preset == CUSTOM_PRESET:
+            return args.preset
+        return matching_preset(args.settings)
 
     return [
         ("enabled", enabled),

@@ -59,6 +59,7 @@ class Generation:
     """State of one generation (see the module docstring)."""
 
     def __init__(self, p: Any, args: ScriptArgs):
+        self.requested = args  # as parsed: `Model default` is resolved per model in `begin_pass`
         self.args = args
         self.run = GuidanceRun(args.settings)
         self.ctx: SamplingContext | None = None
@@ -94,6 +95,8 @@ class Generation:
             supported = ", ".join(dict.fromkeys(cls.label for cls in hosts.load_adapters() if cls.label))
             self.warn(UNSUPPORTED.format(model=hosts.describe_model(sd_model), supported=supported))
             return False
+        self.args = self.requested.for_family(adapter.family)
+        self.run.settings = self.args.settings
         ctx = None
         try:
             adapter.check()

@@ -15,7 +15,8 @@ import itertools
 import logging
 from typing import Any, Callable, Mapping
 
-from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettingsError, from_preset, matching_preset
+from ..settings import (CUSTOM_PRESET, METHOD_LABELS, MODEL_DEFAULT_PRESET, PRESETS, VSFSettingsError, from_preset,
+                        matching_preset)
 from .args import SCRIPT_TITLE, ScriptArgs, method_key, parse_script_args, preset_name
 
 log = logging.getLogger("vsf")
@@ -44,7 +45,7 @@ def method_choices() -> list[str]:
 
 def preset_choices() -> list[str]:
     """Values offered by the `[VSF] Preset` axis."""
-    return [*PRESETS]
+    return [MODEL_DEFAULT_PRESET, *PRESETS]
 
 
 def make_apply(field: str) -> Callable[[Any, Any, Any], None]:
@@ -104,29 +105,36 @@ def script_args_of(p: Any) -> ScriptArgs:
 
 
 def apply_overrides(args: ScriptArgs, overrides: Mapping[str, Any] | None) -> ScriptArgs:
-    """`args` with the XYZ overrides of one cell applied (raises VSFSettingsError on a bad value)."""
+    """`args` with the XYZ overrides of one cell applied (raises VSFSettingsError on a bad value): a
+    named preset replaces method and numbers (keeping start, end and lambda), `Model default` leaves
+    them to the model (keeping start and end), then method and numbers override."""
     if not overrides:
         return args
     settings, preset, enabled = args.settings, args.preset, True
+    explicit = dict(args.model_default) if args.model_default is not None else None
     if "preset" in overrides:
         preset = preset_name(overrides["preset"])
-        if preset != CUSTOM_PRESET:
+        if preset == MODEL_DEFAULT_PRESET:
+            explicit = {"start": settings.start, "end": settings.end}
+        elif preset != CUSTOM_PRESET:
             settings = from_preset(preset).replace(start=settings.start, end=settings.end,
                                                    flux_lambda=settings.flux_lambda)
+            explicit = None
+    changes: dict[str, Any] = {}
     if "method" in overrides:
         if str(overrides["method"]).strip().lower() == OFF.lower():
             enabled = False
         else:
-            settings = settings.replace(method=method_key(overrides["method"]))
-    numbers = {}
+            changes["method"] = method_key(overrides["method"])
     for key, value in overrides.items():
         if key in NUMBER_FIELDS:
             try:
-                numbers[key] = float(value)
+                changes[key] = float(value)
             except (TypeError, ValueError):
                 raise VSFSettingsError(f"{LABELS[key]} value is not a number: {value!r}") from None
-    if numbers:
-        settings = settings.replace(**numbers)  # range errors keep their own message
+    if explicit is not None:  # range errors keep their own message, here and below
+        return ScriptArgs.over_model_default(enabled, {**explicit, **changes}, args.single_pass)
+    settings = settings.replace(**changes)
     if matching_preset(settings) != preset:
         preset = matching_preset(settings)
     return ScriptArgs(enabled, settings, args.single_pass, preset)
