@@ -18,6 +18,17 @@ def test_ui_defaults_parse_to_the_model_default_off_with_single_pass():
     assert numbers(args.for_family("unet").settings) == ("vsf", 3.3, 0.2, 0.0, 0.0, 1.0)
 
 
+def test_positional_list_with_model_default_uses_only_the_values_moved_off_the_ui_defaults():
+    untouched = parse_script_args([True, "VSF", "Model default", 3.3, 0.2, 0.0, 0.1, 0.9, True])
+    assert untouched.preset == "Model default"
+    s = untouched.for_family("flux").settings
+    assert (s.alpha, s.beta, s.flux_lambda, s.start, s.end) == (6.0, 0.2, 8.0, 0.1, 0.9)
+    moved = parse_script_args([True, "VSF", "Model default", 5.0, 0.2, 0.0, 0.0, 1.0, True])
+    assert moved.preset == "Custom"
+    s = moved.for_family("flux").settings
+    assert (s.alpha, s.beta, s.flux_lambda) == (5.0, 0.2, 8.0)
+
+
 def test_api_object_without_a_preset_gets_the_model_default_with_explicit_values_over_it():
     numbers = lambda s: (s.method, s.alpha, s.beta, s.tau, s.flux_lambda, s.start, s.end)  # noqa: E731
     plain = parse_script_args([{}])

@@ -6,7 +6,8 @@ The UI's components arrive in `UI_ARGS` order. Through `/sdapi/v1/txt2img` and `
 - the positional list, `[enabled, method, preset, alpha, beta, lambda, start, end, single_pass]`
   (missing trailing values keep the UI defaults), where the numbers are what the sliders hold and a
   named preset is informational (the UI's preset already filled the sliders); with the preset
-  `Model default` (the UI's default) method, alpha, beta and lambda come from the model instead;
+  `Model default` (the UI's default) method, alpha, beta and lambda come from the model instead,
+  except those that differ from their UI defaults;
 - one object in slot 0, `{"enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end",
   "single_pass", "tau"}`, every key optional: the preset is applied first and explicit numbers
   override it, no preset meaning `Model default`; `enabled` defaults to true (sending the object asks
@@ -46,6 +47,8 @@ UI_DEFAULTS: dict[str, Any] = {
     "single_pass": True,
 }
 PRESET_CHOICES = [MODEL_DEFAULT_PRESET, *PRESETS, CUSTOM_PRESET]  # the UI's preset dropdown
+_UI_DEFAULT_FIELDS = {"method": DEFAULT_SETTINGS.method, "alpha": DEFAULT_SETTINGS.alpha,
+                      "beta": DEFAULT_SETTINGS.beta, "flux_lambda": DEFAULT_SETTINGS.flux_lambda}
 # Fields that keep the label `Model default` when given explicitly (the step window is not the model's).
 _KEEPS_MODEL_DEFAULT = {"start", "end"}
 
@@ -127,9 +130,15 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
     values.update({k: v for k, v in zip(UI_ARGS, args) if v is not None})
     method = method_key(values["method"])
     preset = preset_name(values["preset"])
-    if preset == MODEL_DEFAULT_PRESET:  # the model decides method and numbers; the step window is the UI's
+    if preset == MODEL_DEFAULT_PRESET:
+        # The model decides method and numbers, except those moved off their UI defaults (the UI shows
+        # `Custom` then; an API list may not have said so); the step window is always the list's.
+        moved = {field: method if name == "method" else values[name]
+                 for name, field in (("method", "method"), ("alpha", "alpha"), ("beta", "beta"),
+                                     ("lambda", "flux_lambda"))
+                 if (method if name == "method" else values[name]) != _UI_DEFAULT_FIELDS[field]}
         return ScriptArgs.over_model_default(as_bool("enabled", values["enabled"]),
-                                             {"start": values["start"], "end": values["end"]},
+                                             {**moved, "start": values["start"], "end": values["end"]},
                                              as_bool("single pass", values["single_pass"]))
     # NAG's tau has no slider: it comes from the named preset when that preset is a NAG one.
     tau = PRESETS[preset].tau if preset != CUSTOM_PRESET and PRESETS[preset].method == method else DEFAULT_SETTINGS.tau
