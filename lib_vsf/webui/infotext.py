@@ -3,8 +3,8 @@
 Written (`write`) into `p.extra_generation_params` only when guidance actually ran, as
 `VSF method: vsf, VSF alpha: 3.3, VSF beta: 0.2, VSF tau: 2.5, VSF lambda: 0, VSF start: 0, VSF end: 1,
 VSF preset: VSF Quality, VSF single pass: True`; notes (`write_notes`) as `VSF note: "..."`, written
-also when guidance did not run (then alone, without settings). Read back (`paste_fields`) through the script's
-`infotext_fields`: each entry maps one UI component to a function of the parsed infotext dict that
+also when guidance did not run (then alone, without settings). Read back (`paste_fields`) through the
+script's `infotext_fields`: each entry maps one UI component to a function of the parsed infotext dict that
 returns the component's value, or None to leave it alone (the host then sends no update).
 """
 from __future__ import annotations
