@@ -6,7 +6,7 @@
     const VSF_TIPS = {
         enabled: "Value Sign Flip: make few-step models at CFG 1 obey the negative prompt. Image tokens attend to the negative prompt with sign-flipped values, inside attention, in the same single pass.",
         method: "VSF: sign-flipped negative values (the paper's method). NAG: normalized attention guidance. NASA: subtract the negative attention. NAG and NASA are baselines for comparison.",
-        preset: "Fills method, alpha and beta. VSF Quality (3.3/0.2) keeps quality; VSF Strong (3.8/0.2) removes more. Moving a slider switches to Custom.",
+        preset: "Model default (the default): VSF with the loaded model family's numbers (SD3 3.5/0.1, Flux 6/0.2 with lambda 8, Wan 1.7/0.2, SD1.5/SDXL 3.3/0.2); method, alpha, beta and lambda sliders are not used. Other presets fill method, alpha and beta: VSF Quality (3.3/0.2) keeps quality; VSF Strong (3.8/0.2) removes more. Moving a slider switches to Custom.",
         alpha: "Strength: how strongly the negative prompt is subtracted (VSF: value scale; NAG: extrapolation phi; NASA: subtraction scale). VSF typically 0-6, NASA 0-1.",
         beta: "VSF: logit bias against the negative tokens (higher = weaker, smoother); NAG: blend back towards the unguided result (0-1). Unused by NASA.",
         lambda: "Flux only: push the negative prompt's embedding away from the empty prompt before use (paper: 8 for Flux Schnell). 0 = off. Ignored by SD3.",

@@ -141,6 +141,8 @@ class VSFSettings:
 PRESETS: dict[str, VSFSettings] = {}
 CUSTOM_PRESET = "Custom"
 DEFAULT_PRESET = "VSF Quality"
+# Not a fixed set of numbers: "whatever suits the model", resolved once the model is known (`model_default`).
+MODEL_DEFAULT_PRESET = "Model default"
 
 
 def _register_presets():
@@ -187,6 +189,21 @@ def family_default(family: str) -> VSFSettings:
         ) from None
 
 
+def model_default(family: str | None, method: str = "vsf") -> VSFSettings:
+    """What a caller who names no preset gets: for VSF the model family's default (`FAMILY_DEFAULTS`;
+    VSF Quality while the family is unknown or has none), for NAG and NASA their own preset."""
+    if method == "nag":
+        return PRESETS["NAG"]
+    if method == "nasa":
+        return PRESETS["NASA"]
+    return FAMILY_DEFAULTS.get(family or "", PRESETS[DEFAULT_PRESET])
+
+
+def dict_field(key: Any) -> str | None:
+    """The settings field a flat-dict key names (`"lambda"` -> `"flux_lambda"`), or None."""
+    return _canonical_key(key)
+
+
 def matching_preset(settings: VSFSettings) -> str:
     """The preset whose numbers equal `settings` (ignoring start/end/lambda), else `Custom`."""
     for name, preset in PRESETS.items():
@@ -198,9 +215,15 @@ def matching_preset(settings: VSFSettings) -> str:
 
 
 # -- validation -------------------------------------------------------------------------------------
-ALPHA_MAX = 100.0
-BETA_MAX = 100.0
-LAMBDA_MAX = 100.0
+# One range per number for every entry point (UI sliders, HTTP API, XYZ, CLI, diffusers), so any value
+# an image was made with can be shown by the UI's sliders when its infotext is pasted. Wide enough for
+# every published setting (NAG Strong phi 11, Flux lambda 8); beyond them nothing useful happens (VSF's
+# bias e^-10 already removes the negative; NAG's blend is capped at 1 separately).
+ALPHA_MAX = 20.0
+BETA_MAX = 10.0
+LAMBDA_MAX = 20.0
+RANGES = {"alpha": (0.0, ALPHA_MAX), "beta": (0.0, BETA_MAX), "flux_lambda": (0.0, LAMBDA_MAX),
+          "start": (0.0, 1.0), "end": (0.0, 1.0)}
 
 
 def _finite(name: str, value: Any) -> float:
@@ -224,12 +247,12 @@ def _validate(s: VSFSettings) -> None:
     if not isinstance(s.method, str) or s.method.strip().lower() not in METHODS:
         raise VSFSettingsError(f"unknown VSF method {s.method!r}; choose one of: {', '.join(METHODS)}")
     set_(s, "method", s.method.strip().lower())
-    set_(s, "alpha", _in_range("alpha", s.alpha, 0.0, ALPHA_MAX))
-    set_(s, "beta", _in_range("beta", s.beta, 0.0, BETA_MAX))
+    set_(s, "alpha", _in_range("alpha", s.alpha, *RANGES["alpha"]))
+    set_(s, "beta", _in_range("beta", s.beta, *RANGES["beta"]))
     set_(s, "tau", _in_range("tau", s.tau, 1e-6, 1e6))
-    set_(s, "flux_lambda", _in_range("lambda", s.flux_lambda, 0.0, LAMBDA_MAX))
-    set_(s, "start", _in_range("start", s.start, 0.0, 1.0))
-    set_(s, "end", _in_range("end", s.end, 0.0, 1.0))
+    set_(s, "flux_lambda", _in_range("lambda", s.flux_lambda, *RANGES["flux_lambda"]))
+    set_(s, "start", _in_range("start", s.start, *RANGES["start"]))
+    set_(s, "end", _in_range("end", s.end, *RANGES["end"]))
     if s.start >= s.end:
         raise VSFSettingsError(f"VSF start ({s.start:g}) must be smaller than end ({s.end:g})")
     if s.method == "nag" and s.beta > 1.0:
@@ -298,8 +321,11 @@ def _coerce(name: str, value: Any) -> Any:
 
 
 def _format_value(value: Any) -> str:
+    """Numbers as the shortest text that reads back as the same float (`repr`), whole numbers without
+    `.0`: 3.3 -> "3.3", 1.0 -> "1", 1.23456789 -> "1.23456789" (never rounded)."""
     if isinstance(value, float):
-        return f"{value:g}" if abs(value) >= 1e-4 or value == 0 else repr(value)
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
     return str(value)
 
 

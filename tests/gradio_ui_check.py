@@ -59,7 +59,7 @@ def main():
           f"component kinds {kinds}")
     defaults = [c.value for c in parts.components]
     args = parse_script_args(defaults)
-    check(not args.enabled and args.single_pass and args.preset == "VSF Quality", f"defaults parse: {defaults}")
+    check(not args.enabled and args.single_pass and args.preset == "Model default", f"defaults parse: {defaults}")
     check(len(parts.infotext_fields) == len(UI_ARGS), "infotext_fields for every control")
     fns = [f.fn for f in demo.fns] if isinstance(demo.fns, list) else [f.fn for f in demo.fns.values()]
     check(len(fns) == 4, f"4 listeners wired (preset + method/alpha/beta), got {len(fns)}")

@@ -82,6 +82,15 @@ def test_round_trips(settings):
     assert VSFSettings.from_infotext(full) == settings
 
 
+@pytest.mark.parametrize("alpha", [1.23456789, 3.3, 0.1 + 0.2, 1e-05, 2.0 / 3.0, 12.000000000000002])
+def test_infotext_numbers_round_trip_exactly(alpha):
+    settings = VSFSettings(alpha=alpha, beta=0.123456789, start=1.0 / 3.0, flux_lambda=7.77777777777)
+    text = settings.to_infotext_string()
+    back = VSFSettings.from_infotext(text)
+    assert (back.alpha, back.beta, back.start, back.flux_lambda) == (alpha, 0.123456789, 1.0 / 3.0, 7.77777777777)
+    assert VSFSettings(alpha=3.0).to_infotext()["VSF alpha"] == "3"  # whole numbers stay short
+
+
 def test_dict_accepts_preset_then_overrides_and_strings():
     s = VSFSettings.from_dict({"preset": "VSF Strong", "start": "0.2", "lambda": 8, "enabled": True})
     assert (s.alpha, s.beta, s.start, s.flux_lambda) == (3.8, 0.2, 0.2, 8.0)

@@ -7,10 +7,48 @@ from lib_vsf.settings import PRESETS, VSFSettingsError
 from lib_vsf.webui.args import UI_ARGS, UI_DEFAULTS, parse_script_args
 
 
-def test_ui_defaults_parse_to_vsf_quality_off_with_single_pass():
+def test_ui_defaults_parse_to_the_model_default_off_with_single_pass():
     args = parse_script_args([UI_DEFAULTS[name] for name in UI_ARGS])
-    assert (args.enabled, args.single_pass, args.preset) == (False, True, "VSF Quality")
-    assert args.settings == PRESETS["VSF Quality"]
+    assert (args.enabled, args.single_pass, args.preset) == (False, True, "Model default")
+    # the authors' per-family numbers (README): SD3 3.5/0.1, Flux 6/0.2 with lambda 8, Wan 1.7/0.2, UNets 3.3/0.2
+    numbers = lambda s: (s.method, s.alpha, s.beta, s.flux_lambda, s.start, s.end)  # noqa: E731
+    assert numbers(args.for_family("sd3").settings) == ("vsf", 3.5, 0.1, 0.0, 0.0, 1.0)
+    assert numbers(args.for_family("flux").settings) == ("vsf", 6.0, 0.2, 8.0, 0.0, 1.0)
+    assert numbers(args.for_family("wan").settings) == ("vsf", 1.7, 0.2, 0.0, 0.0, 1.0)
+    assert numbers(args.for_family("unet").settings) == ("vsf", 3.3, 0.2, 0.0, 0.0, 1.0)
+
+
+def test_positional_list_with_model_default_uses_only_the_values_moved_off_the_ui_defaults():
+    untouched = parse_script_args([True, "VSF", "Model default", 3.3, 0.2, 0.0, 0.1, 0.9, True])
+    assert untouched.preset == "Model default"
+    s = untouched.for_family("flux").settings
+    assert (s.alpha, s.beta, s.flux_lambda, s.start, s.end) == (6.0, 0.2, 8.0, 0.1, 0.9)
+    moved = parse_script_args([True, "VSF", "Model default", 5.0, 0.2, 0.0, 0.0, 1.0, True])
+    assert moved.preset == "Custom"
+    s = moved.for_family("flux").settings
+    assert (s.alpha, s.beta, s.flux_lambda) == (5.0, 0.2, 8.0)
+
+
+def test_api_object_without_a_preset_gets_the_model_default_with_explicit_values_over_it():
+    numbers = lambda s: (s.method, s.alpha, s.beta, s.tau, s.flux_lambda, s.start, s.end)  # noqa: E731
+    plain = parse_script_args([{}])
+    assert plain.preset == "Model default"
+    assert numbers(plain.for_family("sd3").settings) == ("vsf", 3.5, 0.1, 2.5, 0.0, 0.0, 1.0)
+    window = parse_script_args([{"start": 0.25, "end": 0.75}])  # the window is not the model's: same label
+    assert window.preset == "Model default"
+    assert numbers(window.for_family("flux").settings) == ("vsf", 6.0, 0.2, 2.5, 8.0, 0.25, 0.75)
+    custom = parse_script_args([{"alpha": 4, "lambda": 2}])
+    assert custom.preset == "Custom"
+    assert numbers(custom.for_family("sd3").settings) == ("vsf", 4.0, 0.1, 2.5, 2.0, 0.0, 1.0)
+    assert numbers(custom.for_family("flux").settings) == ("vsf", 4.0, 0.2, 2.5, 2.0, 0.0, 1.0)
+    # NAG and NASA named without a preset: their own defaults, whatever the model
+    assert numbers(parse_script_args([{"method": "nag"}]).for_family("sd3").settings) == \
+        ("nag", 4.0, 0.125, 2.5, 0.0, 0.0, 1.0)
+    # an explicit named preset is what it says, on every model
+    assert parse_script_args([{"preset": "VSF Quality"}]).for_family("sd3").settings == PRESETS["VSF Quality"]
+    # explicit values are checked at once, before the model is known
+    with pytest.raises(VSFSettingsError, match="must be smaller than end"):
+        parse_script_args([{"start": 0.9, "end": 0.1}])
 
 
 def test_positional_list_takes_the_slider_values():
@@ -61,6 +99,13 @@ def test_api_object_can_disable_and_keep_cfg():
     ([{"aplha": 3}], "unknown VSF key"),
     ([{"start": 0.8, "end": 0.2}], "start"),
     ([{"enabled": "maybe"}], "enabled must be true or false"),
+    ([{"enabled": "yes"}], "enabled must be true or false"),
+    ([{"enabled": "false"}], "enabled must be true or false"),
+    ([{"enabled": 1}], "enabled must be true or false"),
+    ([{"enabled": None}], "enabled must be true or false"),
+    ([{"single_pass": "no"}], "single pass must be true or false"),
+    ([{"single_pass": 0}], "single pass must be true or false"),
+    (["true"], "enabled must be true or false"),
     ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0.5, 0.5, True], "must be smaller than end"),
     ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, "extra"], "at most"),
     (["yes please"], "enabled must be true or false"),

@@ -2,11 +2,13 @@
 list and object forms, infotext round trip, XYZ axes, and every restore path of a generation."""
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from lib_vsf.settings import VSFSettings, VSFSettingsError, parse_infotext
 from lib_vsf.webui import runner
-from webui_host_double import ATTENTION_MODULE, HOST_ATTENTION, DoubleModel, Processing, host_double
+from webui_host_double import ATTENTION_MODULE, HOST_ATTENTION, DoubleModel, Img2ImgProcessing, Processing, host_double
 
 ON = [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True]
 
@@ -59,6 +61,9 @@ def test_infotext_pastes_back_into_the_same_ui_values(host):
     params = parse_infotext(host.infotext(p))
     assert host.paste(params) == values
     assert VSFSettings.from_infotext(params).tau == 5.0  # NAG Strong's tau survives the round trip
+    # numbers are written exactly (not to 6 significant digits), so they paste back exactly
+    exact = [True, "VSF", "Custom", 1.23456789, 0.123456789, 7.77777777777, 1.0 / 3.0, 0.987654321, True]
+    assert host.paste(parse_infotext(host.infotext(host.process_images(Processing(host), exact)))) == exact
     # an infotext without VSF switches the accordion off and leaves the rest alone
     assert host.paste(parse_infotext("a cat\nSteps: 4, Sampler: Euler"))[0] is False
 
@@ -78,6 +83,28 @@ def test_hires_pass_is_covered_and_per_batch_negatives_are_used(host):
     assert_untouched(host, p)
 
 
+def test_no_preset_gives_the_model_family_default_and_the_infotext_says_so(host, monkeypatch):
+    from webui_host_double import DoubleAdapter
+
+    ui_on = host.ui_defaults()
+    ui_on[0] = True  # the accordion opened, nothing else touched: the preset dropdown shows "Model default"
+    for family, (alpha, beta, flux_lambda) in {"sd3": ("3.5", "0.1", "0"), "flux": ("6", "0.2", "8")}.items():
+        monkeypatch.setattr(DoubleAdapter, "family", family)
+        from_ui = host.process_images(Processing(host), ui_on)
+        from_api = host.process_images(Processing(host), host.api_args([{"enabled": True}]))
+        for p in (from_ui, from_api):
+            params = p.extra_generation_params
+            assert (params["VSF alpha"], params["VSF beta"], params["VSF lambda"]) == (alpha, beta, flux_lambda)
+            assert params["VSF preset"] == "Model default"
+        # pasting it shows the numbers it was made with, which then give the same settings on any model
+        pasted = host.paste(parse_infotext(host.infotext(from_api)))
+        assert pasted[2] == "Custom" and pasted[3:6] == [float(alpha), float(beta), float(flux_lambda)]
+        monkeypatch.setattr(DoubleAdapter, "family", "wan")
+        again = host.process_images(Processing(host), pasted)
+        assert {k: v for k, v in again.extra_generation_params.items() if k != "VSF preset"} == \
+            {k: v for k, v in from_api.extra_generation_params.items() if k != "VSF preset"}
+
+
 # -- the HTTP API forms ------------------------------------------------------------------------------------
 
 def test_api_positional_list_and_object_give_the_same_generation_as_the_ui(host):
@@ -90,12 +117,28 @@ def test_api_positional_list_and_object_give_the_same_generation_as_the_ui(host)
 
 def test_bad_api_values_fail_the_request_clearly_and_change_nothing(host):
     p = Processing(host)
-    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 100"):
+    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 20, got 500"):
         host.process_images(p, host.api_args([{"alpha": 500}]))
     assert p.trace == [] and p.extra_generation_params == {} and p.sd_model.encoded == []
     assert ATTENTION_MODULE.attention is HOST_ATTENTION
     host.run_hook("postprocess", p)  # the host's next cleanup unwraps the refusal
-    assert "sample" not in vars(p)
+    assert "sample" not in vars(p) and "init" not in vars(p)
+
+
+def test_refused_img2img_leaves_the_next_image_exactly_as_it_would_have_been(host):
+    # img2img's init VAE-encodes the init image with the global torch RNG after the scripts' process hook;
+    # a request refused only in p.sample has already moved that RNG, and the next img2img differs.
+    import torch
+
+    torch.manual_seed(1234)
+    alone = host.process_images(Img2ImgProcessing(host), ON).samples
+    torch.manual_seed(1234)
+    refused = Img2ImgProcessing(host)
+    with pytest.raises(VSFSettingsError, match="alpha must be between"):
+        host.process_images(refused, host.api_args([{"alpha": 500}]))
+    assert refused.init_latent is None and refused.extra_generation_params == {}  # the host's init never ran
+    after = host.process_images(Img2ImgProcessing(host), ON).samples
+    assert torch.equal(after, alone)
 
 
 # -- unsupported models and changed hosts ------------------------------------------------------------------
@@ -103,7 +146,9 @@ def test_bad_api_values_fail_the_request_clearly_and_change_nothing(host):
 def test_unsupported_model_gets_one_warning_and_an_untouched_generation(host):
     p = host.process_images(Processing(host, sd_model=DoubleModel(supported=False), enable_hr=True), ON)
     assert len(p.comments) == 1 and "not supported" in next(iter(p.comments))
-    assert not any(s["patched"] for s in p.trace) and p.extra_generation_params == {}
+    assert not any(s["patched"] for s in p.trace)
+    # API users see the note in the infotext (their `info` has no comments); no VSF settings are written
+    assert p.extra_generation_params == {"VSF note": next(iter(p.comments))}
     assert_untouched(host, p)
 
 
@@ -116,13 +161,52 @@ def test_changed_host_function_is_refused_with_a_message_not_a_stack_trace(host,
     assert not host.hook_errors and p.sd_model.attached == []
 
 
-def test_backend_note_and_empty_negative_are_shown_once(host, monkeypatch):
+def test_backend_note_is_shown_once_under_the_image_and_in_the_infotext(host, monkeypatch):
     from webui_host_double import DoubleAdapter
-    monkeypatch.setattr(DoubleAdapter, "backend_note", lambda self: "xformers cannot carry the mask")
+    monkeypatch.setattr(DoubleAdapter, "backend_note", lambda self: "xformers cannot carry the mask, so: SDPA")
+    p = host.process_images(Processing(host, enable_hr=True), ON)
+    assert list(p.comments) == ["xformers cannot carry the mask, so: SDPA"]
+    assert p.extra_generation_params["VSF note"] == "xformers cannot carry the mask, so: SDPA"
+    assert all(s["guided"] for s in p.trace)
+    # the note survives the host's infotext quoting and pasting it back changes nothing else
+    params = parse_infotext(host.infotext(p))
+    assert params["VSF note"] == "xformers cannot carry the mask, so: SDPA" and host.paste(params) == ON
+
+
+def test_empty_negative_gives_the_host_image_and_says_so_without_vsf_settings(host):
+    plain = host.process_images(Processing(host, negative_prompt="", enable_hr=True), host.ui_defaults())
     p = host.process_images(Processing(host, negative_prompt="", enable_hr=True), ON)
-    assert sorted(p.comments) == ["VSF: the negative prompt is empty, so there is nothing to steer away from.",
-                                  "xformers cannot carry the mask"]
-    assert not any(s["guided"] for s in p.trace)
+    assert p.trace == plain.trace and not any(s["patched"] for s in p.trace)
+    assert p.sd_model.attached == []  # no single pass forced either: the host's own CFG runs
+    (note,) = p.comments
+    assert "negative prompt is empty" in note and "without VSF" in note
+    assert p.extra_generation_params == {"VSF note": note}
+    assert host.paste(parse_infotext(host.infotext(p)))[0] is False  # pasting it gives the same plain image
+    assert_untouched(host, p)
+
+
+def test_notes_reach_a_console_that_shows_only_errors(host):
+    # Forge Neo's logging_config.setup_logging: root at ERROR, one handler; WARNING records are dropped
+    import logging
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    root, collect = logging.getLogger(), Collect()
+    saved = root.level, root.handlers[:]
+    root.handlers[:] = [collect]
+    root.setLevel(logging.ERROR)
+    try:
+        host.process_images(Processing(host, sd_model=DoubleModel(supported=False)), ON)
+    finally:
+        root.handlers[:] = saved[1]
+        root.setLevel(saved[0])
+    assert any("not supported on this host" in m for m in collect.messages)
 
 
 # -- every restore path -------------------------------------------------------------------------------------
@@ -174,6 +258,23 @@ def test_a1111_single_pass_option_is_restored_on_every_path():
         assert sd_model.apply_model is host_apply_model
 
 
+def test_a1111_single_pass_leaves_no_skip_early_cfg_in_the_infotext(host):
+    # A1111's CFG denoiser writes "Skip Early CFG" into p.extra_generation_params on every model call while
+    # the option is set; the infotext write replaces that dict during the pass. Pasting such an infotext
+    # would turn CFG off for later images, so nothing VSF set for the run may be left in it.
+    p = host.process_images(Processing(host, sd_model=DoubleModel(a1111_single_pass=True)), ON)
+    assert p.trace and all(s["guided"] for s in p.trace)
+    assert "Skip Early CFG" not in p.extra_generation_params and p.extra_generation_params["VSF method"] == "vsf"
+    assert host.opts.data["skip_early_cond"] == 0.0
+    # the user's own option: written by the host as before when VSF is off ...
+    host.opts.data["skip_early_cond"] = 0.5
+    plain = host.process_images(Processing(host, sd_model=DoubleModel(a1111_single_pass=True)), host.ui_defaults())
+    assert plain.extra_generation_params == {"Skip Early CFG": 0.5}
+    # ... and with VSF on (which skips every uncond pass itself) neither 1.0 nor the user's value is recorded
+    guided = host.process_images(Processing(host, sd_model=DoubleModel(a1111_single_pass=True)), ON)
+    assert "Skip Early CFG" not in guided.extra_generation_params and host.opts.data["skip_early_cond"] == 0.5
+
+
 # -- XYZ -----------------------------------------------------------------------------------------------------
 
 def test_xyz_axes_are_registered_once(host):
@@ -196,18 +297,57 @@ def test_every_xyz_cell_uses_its_own_value(host):
     assert host.process_images(off, ON).extra_generation_params == {}
 
 
+def test_xyz_preset_axis_offers_the_model_default(host):
+    host.callbacks["before_ui"][0]()
+    ui_window = [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.25, 0.75, True]
+    cells = host.run_xyz(Processing(host), [("[VSF] Preset", ["Model default", "VSF Quality"])], ui_window)
+    params = [c.extra_generation_params for c in cells]
+    assert [(q["VSF preset"], q["VSF alpha"], q["VSF beta"], q["VSF start"]) for q in params] == \
+        [("Model default", "3.5", "0.1", "0.25"), ("VSF Quality", "3.3", "0.2", "0.25")]  # the double is "sd3"
+
+
 def test_xyz_confirm_rejects_bad_values_before_the_grid_runs(host):
     host.callbacks["before_ui"][0]()
-    option = next(o for o in host.xyz.axis_options if o.label == "[VSF] Beta")
-    option.confirm(None, [0.0, 0.5])
-    with pytest.raises(VSFSettingsError):
-        option.confirm(None, [0.1, -3.0])
+    with pytest.raises(VSFSettingsError) as error:
+        host.run_xyz(Processing(host), [("[VSF] Beta", [0.1, -5.0])], ON)
+    # the range error's own message (not "is not a number"), naming the cell; no cell ran
+    assert str(error.value) == ("Value Sign Flip, X/Y/Z cell [VSF] Beta: -5.0: "
+                                "VSF beta must be between 0 and 10, got -5")
+    cells = host.run_xyz(Processing(host), [("[VSF] Beta", [0.0, 0.5])], ON)
+    assert [c.extra_generation_params["VSF beta"] for c in cells] == ["0", "0.5"] and not host.hook_errors
+
+
+@pytest.mark.parametrize("script_args, axes, message", [
+    # NAG's blend is capped at 1: fine for VSF Quality alone, wrong in the NAG column of this grid
+    (ON, [("[VSF] Method", ["VSF", "NAG"]), ("[VSF] Beta", [0.2, 2.0])],
+     "cell [VSF] Method: NAG, [VSF] Beta: 2.0: NAG blend (beta) must be between 0 and 1, got 2"),
+    # the UI's end 0.5 with a start axis reaching past it
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 0.5, True], [("[VSF] Start", [0.0, 0.6])],
+     "cell [VSF] Start: 0.6: VSF start (0.6) must be smaller than end (0.5)"),
+    # the API object's end, with the accordion's arguments given as one dict
+    ([{"end": 0.4}], [("[VSF] Alpha", [1.0]), ("[VSF] Start", [0.2, 0.4])],
+     "cell [VSF] Alpha: 1.0, [VSF] Start: 0.4: VSF start (0.4) must be smaller than end (0.4)"),
+])
+def test_xyz_confirm_checks_each_cell_against_its_real_settings(host, script_args, axes, message):
+    # Checked against VSF Quality alone, these passed confirm and then failed inside their cells, which the
+    # X/Y/Z script only reports to the console (the cell stays empty).
+    host.callbacks["before_ui"][0]()
+    p = Processing(host)
+    with pytest.raises(VSFSettingsError, match=re.escape(message)):
+        host.run_xyz(p, axes, script_args)
+    assert p.trace == [] and not host.hook_errors
+
+
+def test_xyz_confirm_refuses_bad_script_arguments_before_the_grid(host):
+    host.callbacks["before_ui"][0]()
+    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF alpha must be between 0 and 20, got 50"):
+        host.run_xyz(Processing(host), [("[VSF] Beta", [0.1])], [{"alpha": 50}])
 
 
 def test_a_new_generation_never_starts_on_top_of_live_patches(host):
     # A host path that bypasses both the p.sample wrapper and postprocess (never seen; belt and braces).
     stray = Processing(host)
-    stray.script_args = ON
+    stray.script_args, stray.negative_prompts = ON, stray.all_negative_prompts
     host.run_hook("process", stray)
     host.run_hook("process_before_every_sampling", stray)
     assert ATTENTION_MODULE.attention is not HOST_ATTENTION

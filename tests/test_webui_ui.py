@@ -2,20 +2,26 @@
 4.40 builds are checked by tests/ui_check.py in separate environments (docs/webui.md)."""
 from __future__ import annotations
 
+import pytest
+
 from lib_vsf.settings import PRESETS
 from lib_vsf.webui import ui
 from webui_host_double import host_double
 
 
+UI_ORDER = ["enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass"]
+
+
 def by_label(host, name):
-    return host.components[["enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass"].index(name)]
+    return host.components[UI_ORDER.index(name)]
 
 
 def test_controls_labels_defaults_and_ids():
     with host_double() as host:
         labels = [c.label for c in host.components]
         assert labels[0] == "Value Sign Flip" and labels[-1] == "Single pass (replace CFG)"
-        assert by_label(host, "preset").kwargs["choices"] == [*PRESETS, "Custom"]
+        assert by_label(host, "preset").kwargs["choices"] == ["Model default", *PRESETS, "Custom"]
+        assert by_label(host, "preset").value == "Model default"
         assert by_label(host, "method").kwargs["choices"] == ["VSF", "NAG", "NASA"]
         assert by_label(host, "single_pass").value is True
         assert len({c.elem_id for c in host.components}) == 9
@@ -59,3 +65,30 @@ def test_fallback_accordion_for_hosts_without_input_accordion():
         enabled = parts.components[0]
         assert type(enabled).__name__ == "Checkbox" and enabled.value is False
         assert enabled.label == "Enable Value Sign Flip" and enabled.elem_id == "vsf_txt2img_enabled-checkbox"
+
+
+def test_every_value_the_api_accepts_fits_its_slider_and_pastes_back():
+    """One range everywhere: a slider's minimum/maximum is what the API accepts, so an API image's infotext
+    pastes values the slider can show."""
+    from lib_vsf.settings import VSFSettings, VSFSettingsError, parse_infotext
+    from lib_vsf.webui.args import parse_script_args
+
+    field = {"alpha": "alpha", "beta": "beta", "lambda": "flux_lambda"}
+    with host_double() as host:
+        for name in field:
+            slider = by_label(host, name)
+            low, high = slider.kwargs["minimum"], slider.kwargs["maximum"]
+            for inside in (low, high):  # the API takes both ends of the slider ...
+                assert getattr(parse_script_args([{"method": "vsf", name: inside}]).settings, field[name]) == inside
+            for outside in (high + 0.01, low - 0.01):  # ... and nothing beyond either end
+                with pytest.raises(VSFSettingsError, match="must be between"):
+                    parse_script_args([{"method": "vsf", name: outside}])
+        for name in ("start", "end"):  # the step window: fractions of the run
+            assert (by_label(host, name).kwargs["minimum"], by_label(host, name).kwargs["maximum"]) == (0.0, 1.0)
+        pasted = host.paste(parse_infotext(VSFSettings(alpha=by_label(host, "alpha").kwargs["maximum"],
+                                                       beta=by_label(host, "beta").kwargs["maximum"],
+                                                       flux_lambda=by_label(host, "lambda").kwargs["maximum"])
+                                           .to_infotext_string()))
+        for name in ("alpha", "beta", "lambda"):
+            slider = by_label(host, name)
+            assert slider.kwargs["minimum"] <= pasted[UI_ORDER.index(name)] == slider.kwargs["maximum"]

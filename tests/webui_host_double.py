@@ -7,7 +7,8 @@ documented to behave (../shared/docs/HOSTS.md):
 - `modules.scripts` (`Script`, `AlwaysVisible`, `scripts_data` holding an `xyz_grid.py` entry),
   `modules.script_callbacks` (`on_cfg_denoiser`, `on_before_ui`), `modules.shared.opts`;
 - `HostDouble.load_script()` imports `scripts/vsf.py` the way hosts load extension scripts;
-- `process_images(p)` runs the hooks in the hosts' order, swallowing hook exceptions as hosts do, and
+- `process_images(p)` runs the hooks in the hosts' order (`process`, then `p.init`, then `p.sample` per
+  batch), swallowing hook exceptions as hosts do; `Img2ImgProcessing.init` draws from the global RNG; and
   `p.sample` runs a few denoiser steps that fire `on_cfg_denoiser` and call the "model"
   (`ATTENTION_MODULE.attention`), with an optional hires pass, an interrupt, or an exception;
 - `api_args(...)`: `alwayson_scripts` copied verbatim into the script's slots, over the UI defaults;
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import importlib.util
+import itertools
 import os
 import sys
 import types
@@ -179,10 +181,13 @@ HOST_ATTENTION = _host_attention
 
 
 class DoubleModel:
-    """A supported model: `DoubleAdapter` matches it. `supported=False` makes an unknown model."""
+    """A supported model: `DoubleAdapter` matches it. `supported=False` makes an unknown model.
+    `a1111_single_pass=True`: the adapter forces its single pass the A1111 way (the `skip_early_cond`
+    option, `A1111SD3Adapter._force_single_pass`), as the A1111 SD3 and UNet adapters do."""
 
-    def __init__(self, supported=True):
+    def __init__(self, supported=True, a1111_single_pass=False):
         self.is_double = supported
+        self.a1111_single_pass = a1111_single_pass
         self.encoded: list[list[str]] = []
         self.attached: list[SamplingContext] = []
         self.undone = 0
@@ -209,6 +214,9 @@ class DoubleAdapter(HostAdapter):
         return NegativeText.from_sequences([torch.ones(len(x.split()), 4) for x in negative_prompts])
 
     def attach(self, p, ctx):
+        if ctx.single_pass and self.sd_model.a1111_single_pass:
+            from lib_vsf.webui.hosts.a1111_sd3 import A1111SD3Adapter
+            A1111SD3Adapter._force_single_pass(self, p, ctx)
         self.sd_model.attached.append(ctx)
 
         def undo():
@@ -245,6 +253,9 @@ class Processing:
     def comment(self, text):
         self.comments[text] = 1
 
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        """`StableDiffusionProcessingTxt2Img.init`: nothing the extension can see."""
+
     def sample(self, **kwargs):
         """txt2img sampling: first pass and, with hires fix, a second pass; both call the hook."""
         out = self._pass(hires=False)
@@ -266,6 +277,7 @@ class Processing:
                 params = CFGDenoiserParams(None, None, step, self.steps, "cond", "uncond", denoiser)
                 for callback in self.host.callbacks["cfg_denoiser"]:
                     callback(params)
+                self.host.skip_early_cfg(self, step)
                 ctx = self.sd_model.attached[-1] if getattr(self.sd_model, "attached", None) else None
                 out = ATTENTION_MODULE.attention(torch.ones(1), torch.ones(1), torch.ones(1))
                 self.trace.append({"hires": hires, "step": step, "patched": ATTENTION_MODULE.attention is not HOST_ATTENTION,
@@ -273,6 +285,32 @@ class Processing:
         except InterruptedException:
             pass  # hosts' samplers return the last latent on interrupt / skip
         return "latents"
+
+
+class Img2ImgProcessing(Processing):
+    """`StableDiffusionProcessingImg2Img`: `init` (after the scripts' `process`, before any `sample`)
+    VAE-encodes the init image, and the latent distribution's `sample()` draws from the *global* torch
+    RNG (`torch.randn(mean.shape)`: A1111 ldm/sgm `DiagonalGaussianDistribution`, Forge/Neo
+    `backend/nn/vae.py`); `sample` then seeds its own noise (`p.rng.next()`, `torch.manual_seed(seed)`)
+    and denoises. `samples` holds the result, which therefore depends on the global RNG state at `init`."""
+
+    def __init__(self, host, seed=7, latent_shape=(4, 8, 8), **kwargs):
+        super().__init__(host, **kwargs)
+        self.seed, self.latent_shape = seed, latent_shape
+        self.init_latent = None
+        self.samples = None
+
+    def init(self, all_prompts, all_seeds, all_subseeds):
+        self.extra_generation_params["Denoising strength"] = 0.75
+        image = torch.full((self.batch_size, *self.latent_shape), 0.5)
+        self.init_latent = image + 0.1 * torch.randn(image.shape)  # the VAE's latent sample, global RNG
+
+    def sample(self, **kwargs):
+        torch.manual_seed(self.seed)
+        noise = torch.randn(self.init_latent.shape)
+        super().sample(**kwargs)
+        self.samples = self.init_latent + 0.75 * noise
+        return self.samples
 
 
 class HostDouble:
@@ -303,6 +341,15 @@ class HostDouble:
             hosts.ADAPTERS.remove(DoubleAdapter)
         ATTENTION_MODULE.attention = HOST_ATTENTION
         return False
+
+    def skip_early_cfg(self, p, step):
+        """A1111's CFG denoiser (`sd_samplers_cfg_denoiser.py`), right after the `cfg_denoiser`
+        callbacks of each model call: with the `skip_early_cond` option set and the step inside it, the
+        uncond pass is skipped and `p.extra_generation_params["Skip Early CFG"]` is written (into the
+        dict `p` holds at that moment)."""
+        skip = getattr(self.opts, "skip_early_cond", 0.0)
+        if skip != 0.0 and step / max(p.steps, 1) <= skip:
+            p.extra_generation_params["Skip Early CFG"] = skip
 
     @property
     def callbacks(self):
@@ -350,6 +397,7 @@ class HostDouble:
         """The hosts' process_images for one script: process, batches (sample), postprocess."""
         p.script_args = list(script_args)
         self.run_hook("process", p)
+        p.init(None, None, None)  # all_prompts, all_seeds, all_subseeds: unused by the double
         for n in range(p.n_iter):
             p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
             p.is_hr_pass = False
@@ -382,6 +430,36 @@ class HostDouble:
             if value is not None:
                 current[id(component)] = value
         return [current[id(c)] for c in self.components]
+
+    def as_request(self, p: Processing, script_args: list) -> Processing:
+        """`p` as the UI/API hands it to a selectable script: `p.scripts` is the script runner, whose
+        always-on scripts own slices of `p.script_args` (slot 0 is the selectable script's index)."""
+        self.script.args_from, self.script.args_to = 1, 1 + len(self.components)
+        p.scripts = types.SimpleNamespace(alwayson_scripts=[self.script])
+        p.script_args = [0, *script_args, "X/Y/Z plot args"]
+        return p
+
+    def run_xyz(self, p: Processing, axes: list, script_args: list) -> list:
+        """The X/Y/Z plot's `run` (xyz_grid.py): every axis's `confirm(p, values)` in X, Y, Z order before
+        any cell, then one cell per combination (`copy(p)`, each axis's `apply`, `process_images`), a
+        cell's exception reported and the cell left empty (`errors.display`, `Processed(p, [])`)."""
+        self.as_request(p, script_args)
+        options = [(next(o for o in self.xyz.axis_options if o.label == label), values) for label, values in axes]
+        for option, values in options:
+            if option.confirm:
+                option.confirm(p, values)
+        cells = []
+        for combination in itertools.product(*(values for _, values in options)):
+            cell = copy.copy(p)
+            cell.comments, cell.trace = {}, []
+            for (option, values), value in zip(options, combination):
+                option.apply(cell, value, values)
+            try:
+                cells.append(self.process_images(cell, script_args))
+            except Exception as exc:  # noqa: BLE001 - the host's errors.display
+                self.hook_errors.append(f"xyz cell: {type(exc).__name__}: {exc}")
+                cells.append(None)
+        return cells
 
     def xyz_cell(self, p: Processing, **axes) -> Processing:
         """A copy of `p` with VSF axis values applied, as the XYZ script does per cell."""

@@ -4,22 +4,33 @@ The UI's components arrive in `UI_ARGS` order. Through `/sdapi/v1/txt2img` and `
 `alwayson_scripts["Value Sign Flip"]["args"]` is copied into those slots verbatim, so two forms arrive:
 
 - the positional list, `[enabled, method, preset, alpha, beta, lambda, start, end, single_pass]`
-  (missing trailing values keep the UI defaults), where the numbers are what the sliders hold and the
-  preset name is informational (the UI's preset already filled the sliders);
+  (missing trailing values keep the UI defaults), where the numbers are what the sliders hold and a
+  named preset is informational (the UI's preset already filled the sliders); with the preset
+  `Model default` (the UI's default) method, alpha, beta and lambda come from the model instead,
+  except those that differ from their UI defaults;
 - one object in slot 0, `{"enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end",
   "single_pass", "tau"}`, every key optional: the preset is applied first and explicit numbers
-  override it; `enabled` defaults to true (sending the object asks for VSF).
+  override it, no preset meaning `Model default`; `enabled` defaults to true (sending the object asks
+  for VSF).
+
+`Model default` is the model family's VSF default (`settings.model_default`: SD3 3.5/0.1, Flux 6/0.2
+with lambda 8, Wan 1.7/0.2, SD1.5/SDXL 3.3/0.2; NAG and NASA their presets), as in the CLI and the
+diffusers integration. The family is known only when sampling starts, so `ScriptArgs.model_default`
+keeps the explicit fields and `for_family` resolves them; until then `settings` holds them over
+VSF Quality, which validates every explicit value already.
 
 Both give a `ScriptArgs` or raise `VSFSettingsError` with a message for the user.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ..settings import (CUSTOM_PRESET, DEFAULT_PRESET, METHOD_LABELS, PRESETS, VSFSettings, VSFSettingsError,
-                        from_preset, matching_preset)
+from ..settings import (CUSTOM_PRESET, DEFAULT_PRESET, METHOD_LABELS, MODEL_DEFAULT_PRESET, PRESETS, VSFSettings,
+                        VSFSettingsError, dict_field, from_preset, matching_preset, model_default)
 
+SCRIPT_TITLE = "Value Sign Flip"  # the script's title: its key in the API's `alwayson_scripts`
 UI_ARGS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass")
 API_KEYS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "tau")
 
@@ -27,7 +38,7 @@ DEFAULT_SETTINGS = PRESETS[DEFAULT_PRESET]
 UI_DEFAULTS: dict[str, Any] = {
     "enabled": False,
     "method": METHOD_LABELS[DEFAULT_SETTINGS.method],
-    "preset": DEFAULT_PRESET,
+    "preset": MODEL_DEFAULT_PRESET,
     "alpha": DEFAULT_SETTINGS.alpha,
     "beta": DEFAULT_SETTINGS.beta,
     "lambda": DEFAULT_SETTINGS.flux_lambda,
@@ -35,6 +46,11 @@ UI_DEFAULTS: dict[str, Any] = {
     "end": DEFAULT_SETTINGS.end,
     "single_pass": True,
 }
+PRESET_CHOICES = [MODEL_DEFAULT_PRESET, *PRESETS, CUSTOM_PRESET]  # the UI's preset dropdown
+_UI_DEFAULT_FIELDS = {"method": DEFAULT_SETTINGS.method, "alpha": DEFAULT_SETTINGS.alpha,
+                      "beta": DEFAULT_SETTINGS.beta, "flux_lambda": DEFAULT_SETTINGS.flux_lambda}
+# Fields that keep the label `Model default` when given explicitly (the step window is not the model's).
+_KEEPS_MODEL_DEFAULT = {"start", "end"}
 
 
 @dataclass(frozen=True)
@@ -45,9 +61,26 @@ class ScriptArgs:
     settings: VSFSettings
     single_pass: bool = True
     preset: str = DEFAULT_PRESET
+    # No preset named: the explicitly given fields, to apply over the model's default (`for_family`).
+    model_default: tuple[tuple[str, Any], ...] | None = None
+
+    @classmethod
+    def over_model_default(cls, enabled: bool, explicit: Mapping[str, Any], single_pass: bool) -> "ScriptArgs":
+        """Arguments that name no preset: `explicit` fields (settings field names) over the model's default."""
+        settings = model_default(None, explicit.get("method", "vsf")).replace(**explicit)  # validates them
+        label = MODEL_DEFAULT_PRESET if set(explicit) <= _KEEPS_MODEL_DEFAULT else CUSTOM_PRESET
+        return cls(enabled, settings, single_pass, label, tuple(explicit.items()))
+
+    def for_family(self, family: str | None) -> "ScriptArgs":
+        """These arguments for a model of `family` (`sd3`, `flux`, `wan`, `unet`): the final settings."""
+        if self.model_default is None:
+            return self
+        explicit = dict(self.model_default)
+        settings = model_default(family, explicit.get("method", "vsf")).replace(**explicit)
+        return dataclasses.replace(self, settings=settings, model_default=None)
 
     def values(self) -> list[Any]:
-        """The positional list (UI order) that parses back to these arguments."""
+        """The positional list (UI order) that parses back to these (final or `Model default`) arguments."""
         s = self.settings
         return [self.enabled, METHOD_LABELS[s.method], self.preset, s.alpha, s.beta, s.flux_lambda,
                 s.start, s.end, self.single_pass]
@@ -63,13 +96,10 @@ def method_key(value: Any) -> str:
 
 
 def as_bool(name: str, value: Any) -> bool:
-    """A flag from the UI (bool) or JSON (bool, 0/1, "true"/"false")."""
+    """A flag: JSON `true`/`false` (the UI's checkboxes send bools too). Nothing else is guessed at:
+    `"yes"`, `"false"`, `1` or `null` are refused, so a typo cannot silently turn VSF on or off."""
     if isinstance(value, bool):
         return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        return value.strip().lower() in ("true", "1", "yes", "on")
     raise VSFSettingsError(f"VSF {name} must be true or false, got {value!r}")
 
 
@@ -81,10 +111,12 @@ def preset_name(value: Any) -> str:
         raise VSFSettingsError(f"VSF preset must be a name, got {value!r}")
     if value.strip().lower() == CUSTOM_PRESET.lower():
         return CUSTOM_PRESET
+    if value.strip().lower() == MODEL_DEFAULT_PRESET.lower():
+        return MODEL_DEFAULT_PRESET
     for name in PRESETS:
         if name.lower() == value.strip().lower():
             return name
-    raise VSFSettingsError(f"unknown VSF preset {value!r}; choose one of: {', '.join([*PRESETS, CUSTOM_PRESET])}")
+    raise VSFSettingsError(f"unknown VSF preset {value!r}; choose one of: {', '.join(PRESET_CHOICES)}")
 
 
 def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
@@ -98,6 +130,16 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
     values.update({k: v for k, v in zip(UI_ARGS, args) if v is not None})
     method = method_key(values["method"])
     preset = preset_name(values["preset"])
+    if preset == MODEL_DEFAULT_PRESET:
+        # The model decides method and numbers, except those moved off their UI defaults (the UI shows
+        # `Custom` then; an API list may not have said so); the step window is always the list's.
+        moved = {field: method if name == "method" else values[name]
+                 for name, field in (("method", "method"), ("alpha", "alpha"), ("beta", "beta"),
+                                     ("lambda", "flux_lambda"))
+                 if (method if name == "method" else values[name]) != _UI_DEFAULT_FIELDS[field]}
+        return ScriptArgs.over_model_default(as_bool("enabled", values["enabled"]),
+                                             {**moved, "start": values["start"], "end": values["end"]},
+                                             as_bool("single pass", values["single_pass"]))
     # NAG's tau has no slider: it comes from the named preset when that preset is a NAG one.
     tau = PRESETS[preset].tau if preset != CUSTOM_PRESET and PRESETS[preset].method == method else DEFAULT_SETTINGS.tau
     settings = DEFAULT_SETTINGS.replace(method=method, alpha=values["alpha"], beta=values["beta"], tau=tau,
@@ -116,11 +158,15 @@ def parse_api_object(data: Mapping[str, Any]) -> ScriptArgs:
     data = {k.strip().lower(): v for k, v in data.items()}
     enabled = as_bool("enabled", data.get("enabled", True))
     single_pass = as_bool("single pass", data.get("single_pass", UI_DEFAULTS["single_pass"]))
-    preset = preset_name(data.get("preset", DEFAULT_PRESET))
-    settings = DEFAULT_SETTINGS if preset == CUSTOM_PRESET else from_preset(preset)
+    preset = preset_name(data.get("preset", MODEL_DEFAULT_PRESET))
     fields = {k: v for k, v in data.items() if k not in ("enabled", "single_pass", "preset")}
     if "method" in fields:
         fields["method"] = method_key(fields["method"])
+    if preset == MODEL_DEFAULT_PRESET:
+        checked = VSFSettings.from_dict(fields, base=model_default(None, fields.get("method", "vsf")))
+        explicit = {dict_field(k): getattr(checked, dict_field(k)) for k in fields}
+        return ScriptArgs.over_model_default(enabled, explicit, single_pass)
+    settings = DEFAULT_SETTINGS if preset == CUSTOM_PRESET else from_preset(preset)
     settings = VSFSettings.from_dict(fields, base=settings)
     if preset != CUSTOM_PRESET and matching_preset(settings) != preset:
         preset = CUSTOM_PRESET  # explicit numbers overrode the preset's

@@ -2,8 +2,9 @@
 
 Written (`write`) into `p.extra_generation_params` only when guidance actually ran, as
 `VSF method: vsf, VSF alpha: 3.3, VSF beta: 0.2, VSF tau: 2.5, VSF lambda: 0, VSF start: 0, VSF end: 1,
-VSF preset: VSF Quality, VSF single pass: True`. Read back (`paste_fields`) through the script's
-`infotext_fields`: each entry maps one UI component to a function of the parsed infotext dict that
+VSF preset: VSF Quality, VSF single pass: True`; notes (`write_notes`) as `VSF note: "..."`, written
+also when guidance did not run (then alone, without settings). Read back (`paste_fields`) through the
+script's `infotext_fields`: each entry maps one UI component to a function of the parsed infotext dict that
 returns the component's value, or None to leave it alone (the host then sends no update).
 """
 from __future__ import annotations
@@ -15,6 +16,9 @@ from .args import ScriptArgs
 
 PRESET_KEY = "VSF preset"
 SINGLE_PASS_KEY = "VSF single pass"
+# The generation's notes (unsupported model, empty negative, backend): the API's `info` has no comments
+# field, so this is how API users see them. Informational only: paste and `read` ignore it.
+NOTE_KEY = "VSF note"
 
 
 def infotext_params(args: ScriptArgs) -> dict[str, Any]:
@@ -32,6 +36,13 @@ def write(p: Any, args: ScriptArgs) -> None:
         # A fresh dict, never an update in place: X/Y/Z cells are shallow copies of one `p` sharing this
         # dict, so an in-place write would leave VSF keys on later cells that run without VSF.
         p.extra_generation_params = {**params, **infotext_params(args)}
+
+
+def write_notes(p: Any, notes: list[str]) -> None:
+    """Record the generation's notes under `NOTE_KEY` (a fresh dict, as `write`)."""
+    params = getattr(p, "extra_generation_params", None)
+    if isinstance(params, dict) and notes:
+        p.extra_generation_params = {**params, NOTE_KEY: " / ".join(notes)}
 
 
 def read(params: Mapping[str, Any]) -> ScriptArgs | None:
@@ -61,8 +72,12 @@ def paste_fields() -> list[tuple[str, Callable[[Mapping[str, Any]], Any]]]:
         return read(params) is not None
 
     def preset(args: ScriptArgs) -> str:
+        # An infotext holds the numbers the image was made with: `Model default` (resolved for the model
+        # that made it) pastes as the preset those numbers match, or `Custom`, so the sliders are used.
         from ..settings import PRESETS
-        return args.preset if args.preset in PRESETS or args.preset == CUSTOM_PRESET else CUSTOM_PRESET
+        if args.preset in PRESETS or args.preset == CUSTOM_PRESET:
+            return args.preset
+        return matching_preset(args.settings)
 
     return [
         ("enabled", enabled),

@@ -11,8 +11,10 @@ Lifecycle (all hosts):
 - `begin_pass(p)` (`process_before_every_sampling`, also for the hires-fix pass): find the adapter
   for `p.sd_model`, check the host code, encode this pass's negative prompts, let the adapter attach
   (negative into the text stream, one conditional pass) and apply its attention patch. Unsupported
-  model or host, or a host that changed: one visible warning (`p.comment`), nothing patched, the
-  image is exactly what the host makes without the extension.
+  model or host, a host that changed, or an empty negative prompt: one note, nothing patched, the
+  image is exactly what the host makes without the extension. Every note goes under the image
+  (`p.comment`), into the infotext as `VSF note` (the only place HTTP API users see it) and to the
+  console (the `vsf` logger at WARNING, shown on every host).
 - `on_cfg_denoiser(params)` (registered once per process): step index for the step window.
 - `end_pass()` (the `p.sample` wrapper's `finally`, `postprocess`, and any new `begin_pass`): run the
   pass's undo list in reverse, each step guarded, so one failing undo cannot leave the others undone.
@@ -34,8 +36,15 @@ from .hosts.base import HostAdapter, SamplingContext
 from .xyz import OVERRIDES_ATTR, apply_overrides
 
 log = logging.getLogger("vsf")
+# Notes are per-image messages for the user. Forge Neo configures the root logger at ERROR by default
+# (`modules/logging_config.py`), which would hide them from its console; A1111 and Forge print WARNING
+# anyway. Our own logger's level lets them through on every host unless someone set it explicitly.
+if log.level == logging.NOTSET:
+    log.setLevel(logging.WARNING)
 
 GENERATION_ATTR = "vsf_generation"
+EMPTY_NEGATIVE = ("VSF: the negative prompt is empty, so there is nothing to steer away from; this image was "
+                  "generated without VSF.")
 UNSUPPORTED = ("VSF: {model} is not supported on this host yet; this image was generated without VSF "
                "(supported: {supported}).")
 
@@ -50,6 +59,7 @@ class Generation:
     """State of one generation (see the module docstring)."""
 
     def __init__(self, p: Any, args: ScriptArgs):
+        self.requested = args  # as parsed: `Model default` is resolved per model in `begin_pass`
         self.args = args
         self.run = GuidanceRun(args.settings)
         self.ctx: SamplingContext | None = None
@@ -68,8 +78,11 @@ class Generation:
         self.warnings.append(message)
         log.warning("[VSF] %s", message)
         p = self._p()
-        if p is not None and callable(getattr(p, "comment", None)):
-            p.comment(message)
+        if p is None:
+            return
+        if callable(getattr(p, "comment", None)):
+            p.comment(message)  # under the image in the UI (the HTTP API's `info` has no comments)
+        infotext.write_notes(p, self.warnings)  # in the infotext, for API users and saved images
 
     # -- sampling passes ----------------------------------------------------------------------------
     def begin_pass(self, p: Any) -> bool:
@@ -82,10 +95,15 @@ class Generation:
             supported = ", ".join(dict.fromkeys(cls.label for cls in hosts.load_adapters() if cls.label))
             self.warn(UNSUPPORTED.format(model=hosts.describe_model(sd_model), supported=supported))
             return False
+        self.args = self.requested.for_family(adapter.family)
+        self.run.settings = self.args.settings
         ctx = None
         try:
             adapter.check()
             negative = self._negative_for(p, adapter)
+            if negative.is_empty:  # nothing to steer away from: the host's own image, no VSF keys
+                self.warn(EMPTY_NEGATIVE)
+                return False
             ctx = SamplingContext(self.run, negative, self.args.single_pass)
             self.ctx = ctx
             adapter.attach(p, ctx)
@@ -108,8 +126,6 @@ class Generation:
         note = adapter.backend_note()
         if note:
             self.warn(note)
-        if negative.is_empty:
-            self.warn("VSF: the negative prompt is empty, so there is nothing to steer away from.")
         infotext.write(p, self.args)
         return True
 
@@ -188,9 +204,21 @@ def _pass_negative_prompts(p: Any) -> list[str]:
 
 
 def _refuse(error: Exception):
-    def sample(*_args, **_kwargs):
+    def refused(*_args, **_kwargs):
         raise error
-    return sample
+    return refused
+
+
+def _install_refusal(p: Any, error: Exception) -> AttributePatch:
+    """Make the request fail with `error` at the first host step that can carry it out. Every host calls
+    `p.init` right after the scripts' `process` hook and before anything else of the generation; img2img's
+    `init` VAE-encodes the init image with the global torch RNG (and writes infotext, may save the init
+    image), so refusing there leaves the RNG, and so the next image, exactly as they were. `p.sample`
+    refuses too, for a host path that skips `init`."""
+    patch = AttributePatch()
+    if callable(getattr(p, "init", None)):
+        patch.add(p, "init", _refuse(error))
+    return patch.add(p, "sample", _refuse(error)).apply()
 
 
 def argument_error(message: str) -> VSFSettingsError:
@@ -223,8 +251,7 @@ def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
         args = apply_overrides(parse_script_args(script_args), getattr(p, OVERRIDES_ATTR, None))
     except VSFSettingsError as exc:
         log.error("[VSF] %s", exc)
-        refusal = AttributePatch().add(p, "sample", _refuse(argument_error(f"Value Sign Flip: {exc}"))).apply()
-        setattr(p, GENERATION_ATTR, refusal)
+        setattr(p, GENERATION_ATTR, _install_refusal(p, argument_error(f"Value Sign Flip: {exc}")))
         return None
     if not args.enabled:
         return None

@@ -13,13 +13,13 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettingsError
+from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, RANGES, VSFSettingsError
 from . import infotext
-from .args import UI_ARGS, UI_DEFAULTS, method_key
+from .args import PRESET_CHOICES, SCRIPT_TITLE, UI_ARGS, UI_DEFAULTS, method_key
 
 log = logging.getLogger("vsf")
 
-TITLE = "Value Sign Flip"
+TITLE = SCRIPT_TITLE
 ELEM_PREFIX = "vsf"
 LABELS = {
     "method": "Method",
@@ -31,13 +31,10 @@ LABELS = {
     "end": "End (fraction of steps)",
     "single_pass": "Single pass (replace CFG)",
 }
-SLIDERS = {  # name: (minimum, maximum, step)
-    "alpha": (0.0, 15.0, 0.05),
-    "beta": (0.0, 2.0, 0.01),
-    "lambda": (0.0, 16.0, 0.5),
-    "start": (0.0, 1.0, 0.01),
-    "end": (0.0, 1.0, 0.01),
-}
+# name: (minimum, maximum, step). The range is the one the settings accept (`settings.RANGES`), the same
+# for the API, so every value an image was made with fits the slider when its infotext is pasted.
+SLIDERS = {name: (*RANGES["flux_lambda" if name == "lambda" else name], step)
+           for name, step in (("alpha", 0.05), ("beta", 0.01), ("lambda", 0.1), ("start", 0.01), ("end", 0.01))}
 
 
 @dataclass
@@ -55,7 +52,9 @@ def elem_id(name: str, is_img2img: bool) -> str:
 
 
 def preset_values(preset: str, method_label: str, alpha: float, beta: float) -> tuple[Any, Any, Any]:
-    """(method label, alpha, beta) a preset puts into the sliders; `Custom` keeps the current ones."""
+    """(method label, alpha, beta) a preset puts into the sliders; `Custom` keeps the current ones, and so
+    does `Model default` (its numbers depend on the model loaded when sampling starts; the sliders are
+    not used until one is moved, which shows `Custom`)."""
     if preset not in PRESETS:
         return method_label, alpha, beta
     settings = PRESETS[preset]
@@ -83,7 +82,7 @@ def build(gr: Any, input_accordion: Any, is_img2img: bool) -> UIParts:
         with gr.Row():
             method = gr.Dropdown(label=LABELS["method"], choices=list(METHOD_LABELS.values()), value=d["method"],
                                  elem_id=elem_id("method", is_img2img))
-            preset = gr.Dropdown(label=LABELS["preset"], choices=[*PRESETS, CUSTOM_PRESET], value=d["preset"],
+            preset = gr.Dropdown(label=LABELS["preset"], choices=PRESET_CHOICES, value=d["preset"],
                                  elem_id=elem_id("preset", is_img2img))
         sliders = {}
         with gr.Row():

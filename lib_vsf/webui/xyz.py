@@ -6,20 +6,25 @@ or a second call adds nothing). Each axis stores its value on the cell's `p` in 
 (`p.vsf_xyz`; XYZ cells are shallow copies of one `p`, so the dict is replaced, never mutated), and
 the runner applies those overrides on top of the script's arguments: preset first, then method and
 numbers. A VSF axis turns VSF on for its cells (a grid over `[VSF] Alpha` with the accordion closed
-still compares alphas); `[VSF] Method: Off` turns it off, for with/without comparisons.
+still compares alphas); `[VSF] Method: Off` turns it off, for with/without comparisons. Each axis's
+`confirm` checks the cells it can see against their real settings before the grid runs (`make_confirm`).
 """
 from __future__ import annotations
 
+import itertools
 import logging
 from typing import Any, Callable, Mapping
 
-from ..settings import CUSTOM_PRESET, METHOD_LABELS, PRESETS, VSFSettingsError, from_preset, matching_preset
-from .args import ScriptArgs, method_key, preset_name
+from ..settings import (CUSTOM_PRESET, METHOD_LABELS, MODEL_DEFAULT_PRESET, PRESETS, VSFSettingsError, from_preset,
+                        matching_preset)
+from .args import SCRIPT_TITLE, ScriptArgs, method_key, parse_script_args, preset_name
 
 log = logging.getLogger("vsf")
 
 OVERRIDES_ATTR = "vsf_xyz"
+CONFIRMED_ATTR = "vsf_xyz_confirmed"  # on the grid's `p`: [(field, values)] of the VSF axes confirmed so far
 OFF = "Off"
+NUMBER_FIELDS = ("alpha", "beta", "flux_lambda", "start", "end")
 # (label, field, value type)
 AXES: tuple[tuple[str, str, type], ...] = (
     ("[VSF] Method", "method", str),
@@ -30,6 +35,7 @@ AXES: tuple[tuple[str, str, type], ...] = (
     ("[VSF] Start", "start", float),
     ("[VSF] End", "end", float),
 )
+LABELS = {field: label for label, field, _kind in AXES}
 
 
 def method_choices() -> list[str]:
@@ -39,7 +45,7 @@ def method_choices() -> list[str]:
 
 def preset_choices() -> list[str]:
     """Values offered by the `[VSF] Preset` axis."""
-    return [*PRESETS]
+    return [MODEL_DEFAULT_PRESET, *PRESETS]
 
 
 def make_apply(field: str) -> Callable[[Any, Any, Any], None]:
@@ -55,36 +61,80 @@ def make_apply(field: str) -> Callable[[Any, Any, Any], None]:
 
 
 def make_confirm(field: str) -> Callable[[Any, list], None]:
-    """Validate a whole axis before the grid runs, so a bad value fails at once with a clear message."""
+    """Validate an axis before the grid runs, against the settings its cells will really have.
 
-    def confirm(_p: Any, values: list) -> None:
-        for value in values:
-            apply_overrides(ScriptArgs(True, PRESETS["VSF Quality"]), {field: value})
+    The host's X/Y/Z script calls `confirm(p, values)` once per axis, X then Y then Z, with the grid's
+    own `p` (whose `script_args` hold this script's UI/API arguments) before any cell runs; a cell's
+    own error would only blank that cell (the script catches it). So each confirm checks every cell
+    combination of the script's arguments with this axis and the VSF axes confirmed before it (kept on
+    `p`): the last VSF axis sees them all. A bad combination raises `VSFSettingsError` naming the cell;
+    the host reports it as it reports its own axes' errors (the HTTP API answers 500, see README)."""
+
+    def confirm(p: Any, values: list) -> None:
+        base = script_args_of(p)
+        axes = [*(getattr(p, CONFIRMED_ATTR, None) or []), (field, list(values))]
+        if p is not None:
+            setattr(p, CONFIRMED_ATTR, axes)  # a fresh list: cells copied from `p` never share it
+        for combination in itertools.product(*(axis_values for _, axis_values in axes)):
+            overrides = dict(zip((axis_field for axis_field, _ in axes), combination))
+            try:
+                apply_overrides(base, overrides)
+            except VSFSettingsError as exc:
+                cell = ", ".join(f"{LABELS[k]}: {v}" for k, v in overrides.items())
+                raise VSFSettingsError(f"Value Sign Flip, X/Y/Z cell {cell}: {exc}") from None
 
     return confirm
 
 
+def script_args_of(p: Any) -> ScriptArgs:
+    """This script's arguments as the grid's cells will receive them: its slots of `p.script_args`
+    (found through `p.scripts.alwayson_scripts` by title), or the UI defaults when `p` has none."""
+    runner = getattr(p, "scripts", None)
+    script_args = getattr(p, "script_args", None)
+    for script in getattr(runner, "alwayson_scripts", None) or []:
+        try:
+            title = script.title()
+        except Exception:  # noqa: BLE001 - another extension's script; not ours
+            continue
+        if title == SCRIPT_TITLE and script_args is not None and script.args_from is not None:
+            try:
+                return parse_script_args(list(script_args)[script.args_from:script.args_to])
+            except VSFSettingsError as exc:
+                raise VSFSettingsError(f"Value Sign Flip: {exc}") from None
+    return parse_script_args([])
+
+
 def apply_overrides(args: ScriptArgs, overrides: Mapping[str, Any] | None) -> ScriptArgs:
-    """`args` with the XYZ overrides of one cell applied (raises VSFSettingsError on a bad value)."""
+    """`args` with the XYZ overrides of one cell applied (raises VSFSettingsError on a bad value): a
+    named preset replaces method and numbers (keeping start, end and lambda), `Model default` leaves
+    them to the model (keeping start and end), then method and numbers override."""
     if not overrides:
         return args
     settings, preset, enabled = args.settings, args.preset, True
+    explicit = dict(args.model_default) if args.model_default is not None else None
     if "preset" in overrides:
         preset = preset_name(overrides["preset"])
-        if preset != CUSTOM_PRESET:
+        if preset == MODEL_DEFAULT_PRESET:
+            explicit = {"start": settings.start, "end": settings.end}
+        elif preset != CUSTOM_PRESET:
             settings = from_preset(preset).replace(start=settings.start, end=settings.end,
                                                    flux_lambda=settings.flux_lambda)
+            explicit = None
+    changes: dict[str, Any] = {}
     if "method" in overrides:
         if str(overrides["method"]).strip().lower() == OFF.lower():
             enabled = False
         else:
-            settings = settings.replace(method=method_key(overrides["method"]))
-    numbers = {k: v for k, v in overrides.items() if k in ("alpha", "beta", "flux_lambda", "start", "end")}
-    if numbers:
-        try:
-            settings = settings.replace(**{k: float(v) for k, v in numbers.items()})
-        except (TypeError, ValueError) as exc:
-            raise VSFSettingsError(f"XYZ value is not a number: {exc}") from None
+            changes["method"] = method_key(overrides["method"])
+    for key, value in overrides.items():
+        if key in NUMBER_FIELDS:
+            try:
+                changes[key] = float(value)
+            except (TypeError, ValueError):
+                raise VSFSettingsError(f"{LABELS[key]} value is not a number: {value!r}") from None
+    if explicit is not None:  # range errors keep their own message, here and below
+        return ScriptArgs.over_model_default(enabled, {**explicit, **changes}, args.single_pass)
+    settings = settings.replace(**changes)
     if matching_preset(settings) != preset:
         preset = matching_preset(settings)
     return ScriptArgs(enabled, settings, args.single_pass, preset)

@@ -292,6 +292,7 @@ def _vsf_positional(forge: Forge, alpha, beta) -> list:
 
     args[0] = True
     args[slot("method")] = "VSF"
+    args[slot("preset")] = "Custom"  # the default preset, Model default, would take the model's numbers
     args[slot("alpha")] = alpha
     args[slot("beta")] = beta
     return args

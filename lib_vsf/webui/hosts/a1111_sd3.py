@@ -8,7 +8,8 @@ appends the negative rows to `cond["crossattn"]` for conditional rows. Uncond ro
 are the rows equal to the step's `text_uncond`, which the runner's step callback records. One
 conditional pass: the `skip_early_cond` option set to 1.0 for the sampling, restored afterwards
 (written to `opts.data` directly: `opts.__setattr__` refuses under `--freeze-settings`), and the
-"Skip Early CFG" infotext entry it causes removed again.
+"Skip Early CFG" infotext entry it causes set back to what it was before the pass (in the dict `p`
+holds after sampling, which is not the one it held before: the infotext write replaces it).
 
 Conditioning: `{"crossattn": [B, 77k + 77k, 4096], "vector": [B, 2048]}` (T5 part as long as the
 CLIP part, zeros when T5 is off); the negative is cut like Forge's (CLIP BOS + tokens + EOS per chunk,
@@ -32,6 +33,7 @@ from .base import HostAdapter, SamplingContext, append_negative
 MODEL_MODULE = "modules.models.sd3.sd3_model"
 MMDIT_MODULE = "modules.models.sd3.mmdit"
 SKIP_EARLY_COND = "skip_early_cond"
+SKIP_EARLY_CFG_KEY = "Skip Early CFG"  # the infotext entry A1111 writes while the option skips uncond
 _MISSING = object()
 
 
@@ -142,7 +144,7 @@ class A1111SD3Adapter(HostAdapter):
         data = _opts().data
         before = data.get(SKIP_EARLY_COND, _MISSING)
         params = getattr(p, "extra_generation_params", None)
-        had_infotext = isinstance(params, dict) and "Skip Early CFG" in params
+        infotext_before = params.get(SKIP_EARLY_CFG_KEY, _MISSING) if isinstance(params, dict) else _MISSING
         data[SKIP_EARLY_COND] = 1.0
 
         def restore():
@@ -150,8 +152,18 @@ class A1111SD3Adapter(HostAdapter):
                 data.pop(SKIP_EARLY_COND, None)
             else:
                 data[SKIP_EARLY_COND] = before
-            if isinstance(params, dict) and not had_infotext:
-                params.pop("Skip Early CFG", None)
+            # A1111's CFG denoiser writes the key into whatever dict `p` holds while sampling, and the
+            # infotext is written into a fresh dict during the pass: clean the dict `p` holds now. A fresh
+            # dict again, never in place (X/Y/Z cells share one).
+            current = getattr(p, "extra_generation_params", None)
+            if not isinstance(current, dict) or current.get(SKIP_EARLY_CFG_KEY, _MISSING) is infotext_before:
+                return
+            cleaned = dict(current)
+            if infotext_before is _MISSING:
+                cleaned.pop(SKIP_EARLY_CFG_KEY, None)
+            else:
+                cleaned[SKIP_EARLY_CFG_KEY] = infotext_before
+            p.extra_generation_params = cleaned
 
         ctx.add_undo(restore)
 
