@@ -14,8 +14,6 @@ import torch
 from lib_vsf.attention_reference import vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
-from lib_vsf.settings import VSFSettings
-from lib_vsf.webui.hosts import _forge
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.forge_flux import ForgeFluxAdapter, patch_flux_module
 from vsf_host_setup import git_commit, host_modules, import_host, init_weights, make_run, negative_rows
@@ -98,17 +96,6 @@ def test_changed_host_signature_is_refused_softly(forge, monkeypatch):
     monkeypatch.setattr(forge, "attention_function", lambda q, k, v: q)
     with pytest.raises(PatchError):
         patch_flux_module(forge, make_run(POSITIVE_LEN, negative_rows([2], CONTEXT_DIM)))
-
-
-def test_flux_negative_is_t5_tokens_plus_eos_extrapolated_by_lambda():
-    padded = torch.randn(1, 256, CONTEXT_DIM)
-    real = 9  # 8 tokens + EOS
-    plain = _forge.flux_negative(padded, real, VSFSettings(flux_lambda=0.0))
-    assert torch.equal(plain, padded[0, :real])
-    lam = 8.0
-    null = padded[0, real:].mean(dim=0, keepdim=True)
-    expected = padded[0, :real] + lam * (padded[0, :real] - null)
-    torch.testing.assert_close(_forge.flux_negative(padded, real, VSFSettings(flux_lambda=lam)), expected)
 
 
 def test_adapter_detects_forge_flux(forge):

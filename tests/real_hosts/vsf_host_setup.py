@@ -127,6 +127,40 @@ def stub_webui_shared() -> None:
         sys.modules["modules"], sys.modules["modules.shared"] = package, package.shared
 
 
+@contextlib.contextmanager
+def shared_opts(**opts):
+    """A stand-in `modules.shared` whose only content is `opts` with the given fields (the host's
+    text engines read e.g. `opts.emphasis`; the real module needs the whole WebUI and gradio). The
+    host's own `modules` package stays importable when there is one (Neo's `backend/stream.py` imports
+    `modules.devices`). The previous `modules` / `modules.shared` entries are put back on exit."""
+    import types
+
+    saved = {n: sys.modules.get(n) for n in ("modules", "modules.shared")}
+    try:
+        modules = importlib.import_module("modules")
+    except ImportError:
+        modules = types.ModuleType("modules")
+        modules.__path__ = []
+    saved_attribute = modules.__dict__.get("shared")
+    shared = types.ModuleType("modules.shared")
+    shared.opts = types.SimpleNamespace(**opts)
+    shared.__vsf_stub__ = True
+    modules.shared = shared
+    sys.modules.update({"modules": modules, "modules.shared": shared})
+    try:
+        yield shared.opts
+    finally:
+        if saved_attribute is None:
+            modules.__dict__.pop("shared", None)
+        else:
+            modules.shared = saved_attribute
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
 def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> torch.nn.Module:
     """Deterministic weights for a tiny host model. Hosts leave some parameters uninitialised
     (`torch.empty` modulation tensors, `disable_weight_init` ops): norm scales get 1 + noise, the rest
@@ -226,3 +260,41 @@ def call_sampling_function(sampling, sd_model, x, text_cond, text_uncond, cond_s
     with torch.no_grad():
         out = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
     return (out[0] if isinstance(out, tuple) else out), params.sigma
+
+
+# -- Flux's T5 text side ---------------------------------------------------------------------------------
+
+T5_VOCAB, T5_WIDTH = 512, 32
+
+
+def hf_t5_encoder(seed: int = 0):
+    """A tiny `transformers` T5 encoder whose weights also fit the hosts' own T5 class (Forge and Neo fix
+    32 relative-position buckets and max distance 128, as T5 does; inner width = model width)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=T5_VOCAB, d_model=T5_WIDTH, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def host_t5(t5_module, hf_encoder):
+    """The host's `IntegratedT5` (`backend/nn/t5.py`) carrying `hf_encoder`'s weights."""
+    model = t5_module.IntegratedT5({"num_layers": 2, "d_model": T5_WIDTH, "d_ff": 48, "dense_act_fn": "relu",
+                                    "is_gated_act": False, "num_heads": 4, "model_type": "t5", "vocab_size": T5_VOCAB})
+    state = {k: v for k, v in hf_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
+    model.transformer.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class T5WordTokenizer:
+    """A word-level stand-in for the T5 tokenizer (one id >= 2 per word, from the word's CRC): the
+    chunking under test is the host's."""
+
+    def get_vocab(self):
+        return {}
+
+    def __call__(self, texts, truncation=False, add_special_tokens=False):
+        import zlib
+
+        return {"input_ids": [[2 + zlib.crc32(w.encode()) % (T5_VOCAB - 2) for w in t.split()] for t in texts]}
