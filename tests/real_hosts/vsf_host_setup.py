@@ -1,7 +1,8 @@
-"""Import a WebUI host's model code from a local checkout, for the real-host tests of Forge Neo and reForge.
+"""Import a WebUI host's model code from a local checkout, for the real-host tests.
 
-The tests skip unless `VSF_NEO_DIR` (Forge Neo, `neo` branch), `VSF_REFORGE_DIR` (reForge) or
-`VSF_FORGE_DIR` (Forge) point at a checkout. Forge and Forge Neo both own a top-level `backend`
+The tests skip unless `VSF_NEO_DIR` (Forge Neo, `neo` branch), `VSF_REFORGE_DIR` (reForge),
+`VSF_FORGE_DIR` (Forge), `VSF_A1111_DIR` (AUTOMATIC1111) or `VSF_A1111_REPOS_DIR` (A1111's
+`repositories/`) point at a checkout. Forge and Forge Neo both own a top-level `backend`
 package, so `host_modules()` swaps the host's modules in and out of `sys.modules`: every test file runs
 alone or together with the others in one pytest process. Nothing here is host code.
 """
@@ -24,6 +25,8 @@ HOSTS = {
     "neo": ("VSF_NEO_DIR", ("modules_forge/packages",), ["--cpu", "--use-pytorch-cross-attention"]),
     "forge": ("VSF_FORGE_DIR", ("packages_3rdparty",), ["--always-cpu"]),
     "reforge": ("VSF_REFORGE_DIR", (), ["--always-cpu", "--attention-pytorch"]),
+    # AUTOMATIC1111's own model files (`modules/models/sd3/`); argv is what `modules.devices` needs on CPU
+    "a1111": ("VSF_A1111_DIR", (), ["--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch-cuda-test"]),
     # A1111's `repositories/` folder: Stability-AI/stablediffusion (ldm) and generative-models (sgm) at the
     # commits A1111 pins; only their model code is imported (no WebUI).
     "a1111-repos": ("VSF_A1111_REPOS_DIR", ("stable-diffusion-stability-ai", "generative-models"), []),
@@ -66,6 +69,42 @@ def _omegaconf_stand_in() -> None:
         sys.modules[module.__name__] = module
 
 
+class _A1111SdHijackStandIn(__import__("types").ModuleType):
+    """Stands in for A1111's `modules.sd_hijack`, which imports the whole WebUI (gradio, fastapi,
+    torchvision, open_clip, the model loader). `modules/models/sd3/other_impls.py` imports it only for
+    `sd_hijack.TextualInversionEmbeddings` inside its CLIP text-model classes, which the real-host tests
+    never build: any attribute access says so instead of failing somewhere deeper."""
+
+    __vsf_stub__ = True
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"modules.sd_hijack is a test stand-in (the real one needs the whole WebUI): no {name!r}")
+
+
+def _a1111_stand_ins(argv) -> None:
+    """The two A1111 modules the SD3 model files reach that cannot load without the WebUI, replaced by
+    the least that the code under test reads. Both are marked `__vsf_stub__` and removed on exit.
+    - `modules.shared` (imports gradio and builds every option at import): `cmd_opts` parsed by
+      A1111's own parser (`modules/cmd_args.py`) from the CPU `argv` above, which `modules.devices`
+      reads at import (`use_ipex`, `use_cpu`, `device_id`, ...); `opts` with the two fields the adapter
+      reads, `data` (it writes `skip_early_cond` there) and `sd3_enable_t5`.
+    - `modules.sd_hijack`: see `_A1111SdHijackStandIn`."""
+    import types
+
+    import modules  # type: ignore[import-not-found]  # A1111's namespace package
+    from modules import cmd_args  # type: ignore[import-not-found]
+
+    shared = types.ModuleType("modules.shared")
+    shared.__vsf_stub__ = True
+    shared.cmd_opts = cmd_args.parser.parse_args(argv)
+    shared.opts = types.SimpleNamespace(data={"skip_early_cond": 0.0}, sd3_enable_t5=False)
+    sd_hijack = _A1111SdHijackStandIn("modules.sd_hijack")
+    modules.shared, modules.sd_hijack = shared, sd_hijack
+    sys.modules["modules.shared"], sys.modules["modules.sd_hijack"] = shared, sd_hijack
+
+
 def _is_host_module(name: str) -> bool:
     return name.split(".", 1)[0] in HOST_PACKAGES
 
@@ -89,6 +128,8 @@ def host_modules(host: str):
         if host == "reforge":
             from ldm_patched.modules import args_parser  # type: ignore[import-not-found]
             args_parser.args, _ = args_parser.parser.parse_known_args()
+        if host == "a1111":
+            _a1111_stand_ins(argv)
         yield root
     finally:
         for name in [n for n in sys.modules if _is_host_module(n) or _is_stub(n)]:
