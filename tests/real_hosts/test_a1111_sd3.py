@@ -22,7 +22,8 @@ from lib_vsf.state import GuidanceRun
 from lib_vsf.webui.hosts._sai_mmdit import patch_mmdit_module
 from lib_vsf.webui.hosts.a1111_sd3 import A1111SD3Adapter
 from lib_vsf.webui.hosts.base import SamplingContext, append_negative
-from vsf_host_setup import git_commit, host_modules, import_host, init_weights, make_run, negative_rows
+from spec_equations import check_joint_call
+from vsf_host_setup import Recorder, git_commit, host_modules, import_host, init_weights, make_run, negative_rows
 
 CONTEXT_DIM, POSITIVE_LEN, IMAGE_TOKENS = 48, 7, 16
 
@@ -94,6 +95,25 @@ def test_patched_forward_matches_reference(a1111):
     assert run.calls == 2
     torch.testing.assert_close(guided, expected, atol=2e-5, rtol=1e-4)
     assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-3
+
+
+def test_guided_calls_equal_the_spec_written_out(a1111):
+    """Each joint call (A1111's `block_mixing`: context, then x) against VSF-SPEC written out in float64
+    (`spec_equations`): eq. 7/8 per image query, P rows over I u P, N0 rows over I u N0.
+    `[P (7), N (3 slots; sample 1 has 2 real tokens), I (16)]`, `[B, L, heads*64]`."""
+    model, inp = build(a1111, seed=6), inputs(seed=6)
+    lengths = [3, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=10)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.5, beta=0.1)
+    with patch_mmdit_module(a1111, run):
+        recorder = Recorder(a1111.attention)
+        with AttributePatch().add(a1111, "attention", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    text = POSITIVE_LEN + 3
+    assert [c[0].shape[1] for c in recorder.calls] == [text + IMAGE_TOKENS] * 2
+    for q, k, v, args, kwargs, out in recorder.calls:
+        check_joint_call(q, k, v, out, args[0], range(text, text + IMAGE_TOKENS), range(POSITIVE_LEN),
+                         [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 3.5, 0.1)
 
 
 def test_restore_is_exact_and_bit_for_bit(a1111):

@@ -22,6 +22,7 @@ from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.neo_flux import NeoFluxAdapter, patch_flux
 from lib_vsf.settings import VSFSettings
 from lib_vsf.webui.hosts import _forge
+from spec_equations import check_joint_call
 from vsf_host_setup import (Recorder, T5WordTokenizer, heads_last, hf_t5_encoder, host_modules, host_t5, import_host,
                             init_weights, make_run, negative_rows, shared_opts)
 
@@ -121,6 +122,30 @@ def test_intercepted_call_matches_joint_reference(neo):
     assert kwargs.get("skip_reshape") is True and q.shape[2] == 16 + POSITIVE_LEN + 4  # text first, then 4x4 image
     layout = text_layout(POSITIVE_LEN, 4, offset=0, total=q.shape[2], negative_mask=run.negative_mask)
     torch.testing.assert_close(out, heads_last(vsf_joint_reference(q, k, v, layout, 2.0, 0.5)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_guided_calls_equal_the_spec_written_out(neo, kind):
+    """Each guided call, double- and single-stream, against VSF-SPEC written out in float64
+    (`spec_equations`): eq. 7/8 per image query, P rows over I u P, N0 rows over I u N0. Text first:
+    `[P (6), N (4 slots; sample 1 has 2 real tokens), I (16)]`, q/k/v after the host's RoPE."""
+    flux, chroma = neo
+    model = build_flux(flux) if kind == "flux" else build_chroma(chroma)
+    inp = inputs(seed=11)
+    lengths = [4, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=4)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.3, beta=0.2)
+    with patch_flux(flux, run):
+        recorder = Recorder(flux.attention_function)
+        with AttributePatch().add(flux, "attention_function", recorder):
+            forward(model, kind, inp, append_negative(inp["context"], negative))
+    assert len(recorder.calls) == 2
+    positive, text = range(POSITIVE_LEN), POSITIVE_LEN + 4
+    negatives = [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths]
+    for q, k, v, args, kwargs, out in recorder.calls:
+        assert q.shape[2] == text + 16
+        check_joint_call(q, k, v, out, q.shape[1], range(text, text + 16), positive, negatives, 3.3, 0.2,
+                         heads_first=True)
 
 
 @pytest.mark.parametrize("kind", ["flux", "chroma"])
