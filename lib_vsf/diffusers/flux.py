@@ -3,16 +3,18 @@
 The negative tokens go *before* the positive ones in the text stream (`[N0, P, I]`), so image and
 positive tokens stay one contiguous span for the fast attention path. Text tokens all sit at RoPE
 position 0 in Flux, so their order inside the text stream changes nothing; `txt_ids` grows with
-them. The negative T5 embedding is extrapolated away from the mean padding embedding (paper eq. 10,
-`flux_lambda`); the pooled CLIP vector stays positive-only.
+them. The negative T5 embedding is extrapolated away from the null embedding `p0` (paper eq. 10,
+`flux_lambda`; `p0` as `lib_vsf.flux_lambda` defines it for every path: the mean padding embedding of
+the empty prompt, padded like the pipeline's prompts); the pooled CLIP vector stays positive-only.
 """
 from __future__ import annotations
 
 import torch
 
 from ..attention import joint_attention
+from ..flux_lambda import extrapolate_negative, null_embedding
 from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, heads_merged
-from .text import extrapolate_negative, is_blank, t5_hidden_states, t5_padding_mean
+from .text import is_blank, t5_hidden_states
 
 
 def _rope(x: torch.Tensor, rotary_emb) -> torch.Tensor:
@@ -91,9 +93,18 @@ class FluxFamily(FamilyAdapter):
         if settings.flux_lambda:
             key = id(pipe.text_encoder_2)
             if key not in self._null_cache:
-                self._null_cache[key] = t5_padding_mean(pipe.tokenizer_2, pipe.text_encoder_2, max_length)
+                self._null_cache[key] = self.null_embedding(pipe, max_length)
             negative = extrapolate_negative(negative, self._null_cache[key], settings.flux_lambda)
         return negative
+
+    @staticmethod
+    def null_embedding(pipe, max_length: int) -> torch.Tensor:
+        """`p0` of paper eq. 10 through the pipeline's T5: the empty prompt padded to `max_length`,
+        encoded as `FluxPipeline` encodes prompts (no attention mask)."""
+        encoder, tokenizer = pipe.text_encoder_2, pipe.tokenizer_2
+        device = next(encoder.parameters()).device
+        return null_embedding(lambda ids: encoder(ids.to(device))[0], tokenizer.eos_token_id,
+                              tokenizer.pad_token_id, max_length)
 
     def extend_inputs(self, kwargs, negative):
         kwargs = super().extend_inputs(kwargs, negative)

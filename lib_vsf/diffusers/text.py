@@ -52,23 +52,3 @@ def t5_hidden_states(tokenizer, text_encoder, prompt: str, max_length: int) -> t
     ids = unpadded_ids(tokenizer, prompt, max_length).to(_device_of(text_encoder))
     mask = torch.ones_like(ids)
     return text_encoder(ids, attention_mask=mask)[0][0]
-
-
-def t5_padding_mean(tokenizer, text_encoder, max_length: int) -> torch.Tensor:
-    """Mean T5 embedding of the padding positions of an empty prompt padded to `max_length`, encoded
-    the way the pipeline encodes prompts (no attention mask): the null condition p0 of paper eq. 10."""
-    enc = tokenizer("", padding="max_length", truncation=True, max_length=max_length,
-                    add_special_tokens=True, return_tensors="pt")
-    ids = enc.input_ids.to(_device_of(text_encoder))
-    hidden = text_encoder(ids)[0][0]
-    is_pad = ids[0] == tokenizer.pad_token_id
-    if not bool(is_pad.any()):
-        raise ValueError("cannot compute the padding embedding: the padded empty prompt has no padding")
-    return hidden[is_pad].mean(dim=0)
-
-
-def extrapolate_negative(negative: torch.Tensor, null: torch.Tensor, flux_lambda: float) -> torch.Tensor:
-    """Paper eq. 10 (Flux): p- <- p- + lambda (p- - p0)."""
-    if flux_lambda == 0 or negative.shape[0] == 0:
-        return negative
-    return negative + flux_lambda * (negative - null.to(negative.dtype))

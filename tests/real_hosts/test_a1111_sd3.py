@@ -1,16 +1,14 @@
 """AUTOMATIC1111 1.10 SD3 (`modules/models/sd3/mmdit.py`) with A1111's own MMDiT class, tiny, on CPU.
 
-Skips unless VSF_A1111_DIR points at a directory holding A1111's `modules/models/sd3/mmdit.py` (a
-checkout, or the files saved from AUTOMATIC1111/stable-diffusion-webui: mmdit.py verbatim and the
-`attention`/`Mlp` it imports from other_impls.py). The independent computation replaces
+Skips unless VSF_A1111_DIR points at an A1111 checkout (verified with v1.10.1, 82a973c0). A1111's
+`modules.shared` and `modules.sd_hijack` need the whole WebUI; `vsf_host_setup.host_modules("a1111")`
+puts minimal stand-ins in their place (a `cmd_opts` parsed by A1111's own `cmd_args` parser with CPU
+arguments, the two options the adapter reads) and removes them on exit. The independent computation replaces
 `mmdit.attention` by `vsf_joint_reference` on joint calls (text first). The adapter's per-call hook
 (`sd_model.apply_model` wrapper) is run on an SD3Inferencer-shaped object, with cond and uncond rows.
 """
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
 import types
 
 import pytest
@@ -24,39 +22,28 @@ from lib_vsf.state import GuidanceRun
 from lib_vsf.webui.hosts._sai_mmdit import patch_mmdit_module
 from lib_vsf.webui.hosts.a1111_sd3 import A1111SD3Adapter
 from lib_vsf.webui.hosts.base import SamplingContext, append_negative
-from vsf_host_setup import init_weights, make_run, negative_rows
+from spec_equations import check_joint_call
+from vsf_host_setup import Recorder, git_commit, host_modules, import_host, init_weights, make_run, negative_rows
 
 CONTEXT_DIM, POSITIVE_LEN, IMAGE_TOKENS = 48, 7, 16
 
 
-@contextlib.contextmanager
-def a1111_modules():
-    root = os.environ.get("VSF_A1111_DIR")
-    if not root or not os.path.isfile(os.path.join(root, "modules", "models", "sd3", "mmdit.py")):
-        pytest.skip("VSF_A1111_DIR does not point at A1111's modules/models/sd3")
-    saved = {n: m for n, m in sys.modules.items() if n == "modules" or n.startswith("modules.")}
-    for name in saved:
-        del sys.modules[name]
-    sys.path.insert(0, root)
-    shared = types.ModuleType("modules.shared")  # what the adapter reads; not A1111 code
-    shared.opts = types.SimpleNamespace(data={"skip_early_cond": 0.0}, sd3_enable_t5=False)
-    try:
-        import modules  # noqa: F401
-        sys.modules["modules.shared"] = shared
-        modules.shared = shared
-        from modules.models.sd3 import mmdit
-        yield mmdit
-    finally:
-        sys.path.remove(root)
-        for name in [n for n in sys.modules if n == "modules" or n.startswith("modules.")]:
-            del sys.modules[name]
-        sys.modules.update(saved)
-
-
 @pytest.fixture(scope="module")
 def a1111():
-    with a1111_modules() as mmdit:
+    with host_modules("a1111") as root:  # stand-ins for `modules.shared` / `modules.sd_hijack`: see there
+        mmdit = import_host("modules.models.sd3.mmdit")
+        print(f"A1111 checkout {root} at {git_commit(root)}")
         yield mmdit
+
+
+def test_stand_ins_keep_a1111_devices_on_cpu(a1111):
+    """`cmd_opts` is A1111's own parse of the CPU arguments: A1111's `modules.devices` imports and
+    puts every module on the CPU; the `sd_hijack` stand-in refuses clearly."""
+    devices = import_host("modules.devices")
+    assert devices.get_device_for("sd") == devices.get_optimal_device() == torch.device("cpu")
+    import modules.sd_hijack as sd_hijack  # type: ignore[import-not-found]
+    with pytest.raises(AttributeError, match="test stand-in"):
+        sd_hijack.TextualInversionEmbeddings  # noqa: B018
 
 
 def build(mmdit, seed=0):
@@ -108,6 +95,25 @@ def test_patched_forward_matches_reference(a1111):
     assert run.calls == 2
     torch.testing.assert_close(guided, expected, atol=2e-5, rtol=1e-4)
     assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-3
+
+
+def test_guided_calls_equal_the_spec_written_out(a1111):
+    """Each joint call (A1111's `block_mixing`: context, then x) against VSF-SPEC written out in float64
+    (`spec_equations`): eq. 7/8 per image query, P rows over I u P, N0 rows over I u N0.
+    `[P (7), N (3 slots; sample 1 has 2 real tokens), I (16)]`, `[B, L, heads*64]`."""
+    model, inp = build(a1111, seed=6), inputs(seed=6)
+    lengths = [3, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=10)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.5, beta=0.1)
+    with patch_mmdit_module(a1111, run):
+        recorder = Recorder(a1111.attention)
+        with AttributePatch().add(a1111, "attention", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    text = POSITIVE_LEN + 3
+    assert [c[0].shape[1] for c in recorder.calls] == [text + IMAGE_TOKENS] * 2
+    for q, k, v, args, kwargs, out in recorder.calls:
+        check_joint_call(q, k, v, out, args[0], range(text, text + IMAGE_TOKENS), range(POSITIVE_LEN),
+                         [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 3.5, 0.1)
 
 
 def test_restore_is_exact_and_bit_for_bit(a1111):

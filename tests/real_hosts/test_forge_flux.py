@@ -14,11 +14,10 @@ import torch
 from lib_vsf.attention_reference import vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
-from lib_vsf.settings import VSFSettings
-from lib_vsf.webui.hosts import _forge
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.forge_flux import ForgeFluxAdapter, patch_flux_module
-from vsf_host_setup import git_commit, host_modules, import_host, init_weights, make_run, negative_rows
+from spec_equations import check_joint_call
+from vsf_host_setup import Recorder, git_commit, host_modules, import_host, init_weights, make_run, negative_rows
 
 CONTEXT_DIM, POSITIVE_LEN, HEADS = 48, 6, 2
 
@@ -81,6 +80,26 @@ def test_patched_forward_matches_reference_in_double_and_single_blocks(forge):
     assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-3
 
 
+def test_guided_calls_equal_the_spec_written_out(forge):
+    """Both guided calls (double- and single-stream) against VSF-SPEC written out in float64
+    (`spec_equations`): eq. 7/8 per image query, P rows over I u P, N0 rows over I u N0. Text first:
+    `[P (6), N (5 slots; sample 0 has 3 real tokens), I (16)]`, `[B, H, L, D]` after Forge's RoPE."""
+    model, inp = build(forge, seed=2), inputs(seed=3)
+    lengths = [3, 5]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=6)
+    run = make_run(POSITIVE_LEN, negative, alpha=6.0, beta=0.2)
+    with patch_flux_module(forge, run):
+        recorder = Recorder(forge.attention_function)
+        with AttributePatch().add(forge, "attention_function", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    assert len(recorder.calls) == 2
+    text = POSITIVE_LEN + 5
+    for q, k, v, args, kwargs, out in recorder.calls:
+        assert kwargs.get("skip_reshape") is True and q.shape[1:3] == (HEADS, text + 16)
+        check_joint_call(q, k, v, out, HEADS, range(text, text + 16), range(POSITIVE_LEN),
+                         [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 6.0, 0.2, heads_first=True)
+
+
 def test_restore_is_exact_and_bit_for_bit(forge):
     model, inp = build(forge), inputs()
     original = forge.attention_function
@@ -98,17 +117,6 @@ def test_changed_host_signature_is_refused_softly(forge, monkeypatch):
     monkeypatch.setattr(forge, "attention_function", lambda q, k, v: q)
     with pytest.raises(PatchError):
         patch_flux_module(forge, make_run(POSITIVE_LEN, negative_rows([2], CONTEXT_DIM)))
-
-
-def test_flux_negative_is_t5_tokens_plus_eos_extrapolated_by_lambda():
-    padded = torch.randn(1, 256, CONTEXT_DIM)
-    real = 9  # 8 tokens + EOS
-    plain = _forge.flux_negative(padded, real, VSFSettings(flux_lambda=0.0))
-    assert torch.equal(plain, padded[0, :real])
-    lam = 8.0
-    null = padded[0, real:].mean(dim=0, keepdim=True)
-    expected = padded[0, :real] + lam * (padded[0, :real] - null)
-    torch.testing.assert_close(_forge.flux_negative(padded, real, VSFSettings(flux_lambda=lam)), expected)
 
 
 def test_adapter_detects_forge_flux(forge):

@@ -20,7 +20,8 @@ from lib_vsf.state import GuidanceRun
 from lib_vsf.webui.hosts._sai_mmdit import patch_mmdit_module
 from lib_vsf.webui.hosts.base import SamplingContext, append_negative
 from lib_vsf.webui.hosts.forge_mmditx import ForgeMMDiTAdapter
-from vsf_host_setup import call_sampling_function, git_commit, host_modules, import_host, init_weights, make_run, negative_rows
+from spec_equations import check_joint_call
+from vsf_host_setup import Recorder, call_sampling_function, git_commit, host_modules, import_host, init_weights, make_run, negative_rows
 
 CONTEXT_DIM, POSITIVE_LEN, IMAGE_TOKENS = 48, 7, 16  # 8x8 latent, patch 2
 
@@ -91,6 +92,32 @@ def test_patched_forward_matches_reference_with_per_sample_negatives(forge):
     torch.testing.assert_close(guided, expected, atol=2e-5, rtol=1e-4)
     plain = forward(model, inp, inp["context"])
     assert (guided - plain).abs().max() > 1e-3  # guidance changed the result
+
+
+def test_guided_calls_equal_the_spec_written_out(forge):
+    """Each joint call against VSF-SPEC written out in float64 (`spec_equations`): eq. 7/8 per image
+    query, P rows over I u P, N0 rows over I u N0. Text first: `[P (7), N (5 slots; sample 1 has 2
+    real tokens), I (16)]`, `[B, L, heads*64]`; block 0's image-only self-attention is the host's own."""
+    model, inp = build(forge, seed=4), inputs(seed=4)
+    lengths = [5, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=8)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.3, beta=0.2)
+    with patch_mmdit_module(forge, run):
+        recorder = Recorder(forge.attention)
+        with AttributePatch().add(forge, "attention", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    text = POSITIVE_LEN + 5
+    joint = [c for c in recorder.calls if c[0].shape[1] == text + IMAGE_TOKENS]
+    image_only = [c for c in recorder.calls if c[0].shape[1] == IMAGE_TOKENS]
+    assert len(joint) == 2 and len(image_only) == 1 and len(recorder.calls) == 3
+    for q, k, v, args, kwargs, out in joint:
+        heads = args[0]
+        check_joint_call(q, k, v, out, heads, range(text, text + IMAGE_TOKENS), range(POSITIVE_LEN),
+                         [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 3.3, 0.2)
+    q, k, v, args, kwargs, out = image_only[0]
+    qh, kh, vh = (t.double().reshape(2, IMAGE_TOKENS, args[0], -1).transpose(1, 2) for t in (q, k, v))
+    plain = torch.softmax(qh @ kh.transpose(-1, -2) / qh.shape[-1] ** 0.5, dim=-1) @ vh
+    torch.testing.assert_close(out.double(), plain.transpose(1, 2).reshape(out.shape), atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("preset", ["NAG Strong", "NASA"])

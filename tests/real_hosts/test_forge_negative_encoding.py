@@ -1,16 +1,17 @@
 """The negative prompt without padding, counted by Forge's own text engines (CLIP chunker with the
-bundled SD3 CLIP tokenizer; T5 chunker), then cut out of an SD3/Flux-shaped padded encoding.
+bundled SD3 CLIP tokenizer; T5 chunker), then cut out of an SD3/Flux-shaped padded encoding; and Flux's
+lambda (paper eq. 10) through Forge's own T5 engine and T5 class.
 
 Skips unless VSF_FORGE_DIR points at a Forge checkout (verified with dfdcbab6). Forge's engines read
 `modules.shared.opts` (emphasis mode, SD3's T5 switch); a two-field stand-in provides it. The padded
 encoding is synthetic: row `i` of the CLIP part is `i`, of the T5 part `1000 + i`, so the test sees
-exactly which positions were kept.
+exactly which positions were kept. The Flux lambda tests encode with Forge's `IntegratedT5` (tiny,
+weights of a `transformers` T5 encoder) and write p0 out from its definition: the mean encoding of the
+padding of the empty prompt `[EOS, PAD x 255]`.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 import types
 
 import pytest
@@ -18,29 +19,12 @@ import torch
 
 from lib_vsf.settings import VSFSettings
 from lib_vsf.webui.hosts import _forge
+from lib_vsf.diffusers.flux import FluxFamily
+from lib_vsf.webui.hosts.forge_flux import ForgeFluxAdapter
 from lib_vsf.webui.hosts.forge_mmditx import ForgeMMDiTAdapter
-from vsf_host_setup import host_modules, import_host
+from vsf_host_setup import T5WordTokenizer, hf_t5_encoder, host_modules, host_t5, import_host, shared_opts
 
 TOKENIZER = "backend/huggingface/stabilityai/stable-diffusion-3-medium-diffusers/tokenizer"
-
-
-@contextlib.contextmanager
-def shared_opts(**opts):
-    saved = {n: sys.modules.get(n) for n in ("modules", "modules.shared")}
-    modules = types.ModuleType("modules")
-    modules.__path__ = []
-    shared = types.ModuleType("modules.shared")
-    shared.opts = types.SimpleNamespace(**opts)
-    modules.shared = shared
-    sys.modules.update({"modules": modules, "modules.shared": shared})
-    try:
-        yield shared.opts
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +40,6 @@ def engines():
         clip = classic.ClassicTextProcessingEngine(encoder, tokenizer, embedding_key="clip_l", embedding_expected_shape=8)
         t5 = t5_engine.T5TextProcessingEngine(types.SimpleNamespace(transformer=None), T5WordTokenizer())
         yield clip, t5, tokenizer, opts
-
-
-class T5WordTokenizer:
-    """A word-level stand-in for the T5 tokenizer (ids 2..): the chunking under test is Forge's."""
-
-    def get_vocab(self):
-        return {}
-
-    def __call__(self, texts, truncation=False, add_special_tokens=False):
-        return {"input_ids": [[2 + i for i, _ in enumerate(t.split())] for t in texts]}
 
 
 def n_tokens(tokenizer, text):
@@ -113,3 +87,51 @@ def test_sd3_negative_without_padding_t5_off_and_on(engines):
     t5_len = _forge.t5_length(t5, "blurry, text")
     assert on.length == n + t5_len
     assert on.embeds[0, :, 0].tolist() == list(range(n)) + [1000.0 + i for i in range(t5_len)]
+
+
+@pytest.fixture(scope="module")
+def flux_t5():
+    hf = hf_t5_encoder(seed=3)
+    with host_modules("forge"), shared_opts(emphasis="Original"):
+        t5_engine = import_host("backend.text_processing.t5_engine")
+        t5 = host_t5(import_host("backend.nn.t5"), hf)
+        engine = t5_engine.T5TextProcessingEngine(t5, T5WordTokenizer())  # Forge's Flux engine: min_length 256
+        # Forge's `Flux.get_learned_conditioning` minus CLIP-L and model loading: T5 is the crossattn
+        model = types.SimpleNamespace(text_processing_engine_t5=engine,
+                                      get_learned_conditioning=lambda prompts: {"crossattn": engine(list(prompts))})
+        yield model, t5.transformer, hf
+
+
+def t5_rows(transformer, ids):
+    with torch.no_grad():
+        return transformer(input_ids=torch.tensor([ids]))[0].double()
+
+
+def empty_prompt_null(transformer, length=256):
+    """p0 of paper eq. 10 from its definition: EOS then padding (id 0), mean over the padding."""
+    return t5_rows(transformer, [1] + [0] * (length - 1))[1:].mean(dim=0)
+
+
+@pytest.mark.parametrize("words", [3, 255, 300])  # short; exactly the chunk (255 + EOS); beyond it
+def test_flux_negative_gets_lambda_against_the_empty_prompt_null(flux_t5, words):
+    model, transformer, _ = flux_t5
+    prompt = " ".join(f"w{i}" for i in range(words))
+    ids = T5WordTokenizer()([prompt])["input_ids"][0] + [1]
+    chunk = ids + [0] * max(0, 256 - len(ids))  # what Forge's engine encodes for this prompt
+    plain = t5_rows(transformer, chunk)[:len(ids)]
+    lam = 8.0
+    expected = plain + lam * (plain - empty_prompt_null(transformer))
+    got = ForgeFluxAdapter(model).encode_negative(None, [prompt, ""], VSFSettings(flux_lambda=lam))
+    assert got.mask.sum(dim=1).tolist() == [len(ids), 0]
+    torch.testing.assert_close(got.embeds[0].double(), expected, atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
+    unpushed = ForgeFluxAdapter(model).encode_negative(None, [prompt], VSFSettings(flux_lambda=0.0))
+    torch.testing.assert_close(unpushed.embeds[0].double(), plain, atol=2e-5, rtol=1e-5)  # emphasis rescale: ulps
+
+
+def test_forge_and_diffusers_share_one_null(flux_t5):
+    """Same T5 weights: Forge's engine path and the diffusers path (at Forge's 256) give one p0."""
+    model, transformer, hf = flux_t5
+    pipe = types.SimpleNamespace(text_encoder_2=hf, tokenizer_2=types.SimpleNamespace(eos_token_id=1, pad_token_id=0))
+    from_forge = _forge.t5_null_embedding(model.text_processing_engine_t5)
+    torch.testing.assert_close(from_forge.double(), empty_prompt_null(transformer), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(from_forge, FluxFamily.null_embedding(pipe, 256), atol=2e-6, rtol=1e-5)

@@ -4,7 +4,8 @@ Skips unless VSF_NEO_DIR points at a Forge Neo checkout (branch `neo`). Each tes
 own model, appends a negative to the text stream as the runner does, patches
 `backend.nn.flux.attention_function` through `lib_vsf.webui.hosts.neo_flux`, and compares with an
 independent computation: the same model with every joint call replaced by `vsf_joint_reference`
-(the table of VSF-SPEC "Joint-attention models").
+(the table of VSF-SPEC "Joint-attention models"). The negative's Flux lambda (paper eq. 10) runs
+through Neo's own T5 engine and T5 class, with p0 written out from its definition.
 """
 from __future__ import annotations
 
@@ -19,8 +20,11 @@ from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.neo_flux import NeoFluxAdapter, patch_flux
-from vsf_host_setup import (Recorder, heads_last, host_modules, import_host, init_weights, make_run,
-                            negative_rows)
+from lib_vsf.settings import VSFSettings
+from lib_vsf.webui.hosts import _forge
+from spec_equations import check_joint_call
+from vsf_host_setup import (Recorder, T5WordTokenizer, heads_last, hf_t5_encoder, host_modules, host_t5, import_host,
+                            init_weights, make_run, negative_rows, shared_opts)
 
 CONTEXT_DIM, POSITIVE_LEN = 32, 6
 
@@ -121,6 +125,30 @@ def test_intercepted_call_matches_joint_reference(neo):
 
 
 @pytest.mark.parametrize("kind", ["flux", "chroma"])
+def test_guided_calls_equal_the_spec_written_out(neo, kind):
+    """Each guided call, double- and single-stream, against VSF-SPEC written out in float64
+    (`spec_equations`): eq. 7/8 per image query, P rows over I u P, N0 rows over I u N0. Text first:
+    `[P (6), N (4 slots; sample 1 has 2 real tokens), I (16)]`, q/k/v after the host's RoPE."""
+    flux, chroma = neo
+    model = build_flux(flux) if kind == "flux" else build_chroma(chroma)
+    inp = inputs(seed=11)
+    lengths = [4, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=4)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.3, beta=0.2)
+    with patch_flux(flux, run):
+        recorder = Recorder(flux.attention_function)
+        with AttributePatch().add(flux, "attention_function", recorder):
+            forward(model, kind, inp, append_negative(inp["context"], negative))
+    assert len(recorder.calls) == 2
+    positive, text = range(POSITIVE_LEN), POSITIVE_LEN + 4
+    negatives = [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths]
+    for q, k, v, args, kwargs, out in recorder.calls:
+        assert q.shape[2] == text + 16
+        check_joint_call(q, k, v, out, q.shape[1], range(text, text + 16), positive, negatives, 3.3, 0.2,
+                         heads_first=True)
+
+
+@pytest.mark.parametrize("kind", ["flux", "chroma"])
 def test_alpha_zero_beta_inf_equals_unpatched(neo, kind):
     """alpha = 0, beta = +inf: image and positive rows never see the negative (VSF-SPEC invariant)."""
     flux, chroma = neo
@@ -203,3 +231,42 @@ def test_batch_with_different_negatives_equals_each_image_alone(neo):
         with patch_flux(flux, alone_run):
             alone = forward(model, "flux", alone_inp, append_negative(alone_inp["context"], alone_negative))
         torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def neo_t5():
+    with host_modules("neo"), shared_opts(emphasis="Original"):
+        t5_engine = import_host("backend.text_processing.t5_engine")
+        t5 = host_t5(import_host("backend.nn.t5"), hf_t5_encoder(seed=5))
+        yield t5_engine, t5
+
+
+def neo_model(engine):
+    """Neo's Flux/Chroma `get_learned_conditioning` minus CLIP and model loading: T5 is the crossattn."""
+    model = type("Holder", (), {})()
+    model.text_processing_engine_t5 = engine
+    model.get_learned_conditioning = lambda prompts: {"crossattn": engine(list(prompts))}
+    return model
+
+
+def t5_rows(transformer, ids):
+    with torch.no_grad():
+        return transformer(input_ids=torch.tensor([ids]))[0].double()
+
+
+# Neo's engines: Flux pads to 256 (`flux.py`), Chroma pads nothing (`chroma.py`: min_length=1, min_padding=0)
+@pytest.mark.parametrize("engine_kwargs, pad_to", [({}, 256), ({"min_length": 1, "min_padding": 0}, 0)])
+@pytest.mark.parametrize("words", [3, 300])
+def test_flux_lambda_uses_the_empty_prompt_null(neo_t5, engine_kwargs, pad_to, words):
+    """p- + lambda (p- - p0), p0 = mean padding encoding of `[EOS, PAD x 255]`, also when the negative
+    leaves no padding of its own (300 words; Chroma's engine always)."""
+    t5_engine, t5 = neo_t5
+    engine = t5_engine.T5TextProcessingEngine(t5, T5WordTokenizer(), **engine_kwargs)
+    prompt = " ".join(f"n{i}" for i in range(words))
+    ids = T5WordTokenizer()([prompt])["input_ids"][0] + [1]
+    plain = t5_rows(t5.transformer, ids + [0] * max(0, pad_to - len(ids)))[:len(ids)]
+    null = t5_rows(t5.transformer, [1] + [0] * 255)[1:].mean(dim=0)
+    got = NeoFluxAdapter(neo_model(engine)).encode_negative(None, [prompt], VSFSettings(flux_lambda=8.0))
+    assert got.length == len(ids)
+    torch.testing.assert_close(got.embeds[0].double(), plain + 8.0 * (plain - null), atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
+    torch.testing.assert_close(_forge.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)

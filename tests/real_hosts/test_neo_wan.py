@@ -19,6 +19,7 @@ from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.neo_wan import NeoWanAdapter, patch_wan
+from spec_equations import check_cross_call
 from vsf_host_setup import (Recorder, call_sampling_function, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
                             negative_rows, stub_webui_shared)
 
@@ -94,6 +95,26 @@ def test_patched_model_matches_reference(wan, kind, positive_len):
         expected = forward(model, inp, context)
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
     assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("kind", ["t2v", "i2v"])
+def test_text_calls_equal_eq9_written_out(wan, kind):
+    """Each text cross-attention call against paper eq. 9 written out in float64 (`spec_equations`):
+    keys `[P (10), N (4 slots; sample 1 has 2 real tokens)]`, `[B, L, heads*16]`."""
+    model = build(wan, kind)
+    inp = inputs(kind, 10, seed=6)
+    lengths = [4, 2]
+    negative = negative_rows(lengths, TEXT_DIM, seed=7)
+    run = make_run(10, negative, alpha=1.7, beta=0.2)
+    with patch_wan(wan, run):
+        recorder = Recorder(wan.attention_function)
+        with AttributePatch().add(wan, "attention_function", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    text_calls = [c for c in recorder.calls if c[1].shape[1] == 14]
+    assert len(text_calls) == 2  # one per block
+    for q, k, v, args, kwargs, out in text_calls:
+        check_cross_call(q, k, v, out, kwargs.get("heads", HEADS), range(10),
+                         [range(10, 10 + n) for n in lengths], 1.7, 0.2)
 
 
 @pytest.mark.parametrize("kind", ["t2v", "i2v"])

@@ -18,6 +18,7 @@ from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.reforge_mmdit import ReforgeMMDiTAdapter, patch_mmdit
+from spec_equations import check_joint_call
 from vsf_host_setup import (Recorder, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
                             negative_rows)
 
@@ -85,6 +86,28 @@ def test_patched_model_matches_reference(reforge):
         expected = forward(model, inp, context)
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
     assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-4
+
+
+def test_guided_calls_equal_the_spec_written_out(reforge):
+    """Each joint call against VSF-SPEC written out in float64 (`spec_equations`): eq. 7/8 per image
+    query, P rows over I u P, N0 rows over I u N0. Text first: `[P (7), N (4 slots; sample 0 has 1
+    real token), I (16)]`, `[B, L, heads*64]`."""
+    mmdit, _ = reforge
+    model = build(reforge, seed=5)
+    inp = inputs(seed=5)
+    lengths = [1, 4]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=9)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.8, beta=0.2)
+    with patch_mmdit(mmdit, run):
+        recorder = Recorder(mmdit.optimized_attention)
+        with AttributePatch().add(mmdit, "optimized_attention", recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    text = POSITIVE_LEN + 4
+    joint = [c for c in recorder.calls if c[0].shape[1] == text + IMAGE_TOKENS]
+    assert len(joint) == 2
+    for q, k, v, args, kwargs, out in joint:
+        check_joint_call(q, k, v, out, HEADS, range(text, text + IMAGE_TOKENS), range(POSITIVE_LEN),
+                         [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 3.8, 0.2)
 
 
 def test_intercepted_calls(reforge):

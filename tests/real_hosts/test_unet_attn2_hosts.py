@@ -24,6 +24,7 @@ from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.unet_attn2 import (ForgeUNetAdapter, NeoUNetAdapter, ReforgeUNetAdapter,
                                             patch_unet)
+from spec_equations import CROSS_BUGS, check_cross_call, cross_expected
 from vsf_host_setup import (Recorder, call_sampling_function, heads_first, heads_last, host_modules, import_host, init_weights, make_run,
                             negative_rows)
 
@@ -108,6 +109,25 @@ def test_patched_model_matches_reference(host, positive_len):
         expected = forward(model, inp, context)
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
     assert (guided - forward(model, inp, inp["context"])).abs().max() > 1e-4
+
+
+def test_attn2_calls_equal_eq9_written_out(host):
+    """Each attn2 call against paper eq. 9 written out in float64 (`spec_equations`): keys
+    `[P (77), N (4 slots; sample 0 has 3 real tokens)]`, `[B, L, heads*16]` at both levels."""
+    model = host.build(seed=3)
+    inp = inputs(77, seed=3)
+    lengths = [3, 4]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=3)
+    run = make_run(77, negative, alpha=3.0, beta=0.2)
+    with patch_unet(host.attention, host.attention_name, run):
+        recorder = Recorder(getattr(host.attention, host.attention_name))
+        with AttributePatch().add(host.attention, host.attention_name, recorder):
+            forward(model, inp, append_negative(inp["context"], negative))
+    cross = [c for c in recorder.calls if c[1].shape[1] == 81]
+    assert len(cross) == 7
+    for q, k, v, args, kwargs, out in cross:
+        check_cross_call(q, k, v, out, q.shape[-1] // HEADS_CHANNELS, range(77),
+                         [range(77, 77 + n) for n in lengths], 3.0, 0.2)
 
 
 def test_intercepted_calls(host):
@@ -301,6 +321,49 @@ def test_a1111_patched_unet_matches_reference(a1111, positive_len):
     torch.testing.assert_close(guided, expected, rtol=1e-4, atol=1e-5)
     assert attention.CrossAttention.__dict__["forward"] is original
     assert torch.equal(a1111_forward(model, inp, inp["context"]), unpatched)
+
+
+def test_a1111_attn2_calls_equal_eq9_written_out(a1111):
+    """Each attn2 call of A1111's CrossAttention against paper eq. 9 written out in float64
+    (`spec_equations`), from the block's own projections: `to_out(eq9(to_q(x), to_k(c), to_v(c)))`
+    with keys `[P (77), N (5 slots; sample 1 has 2 real tokens)]`."""
+    from lib_vsf.webui.hosts.unet_attn2 import patch_a1111
+
+    _, _, attention = a1111
+    model = build_a1111(a1111, seed=4)
+    inp = inputs(77, seed=4)
+    lengths = [5, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=4)
+    run = make_run(77, negative, alpha=3.0, beta=0.2)
+    calls = []
+    with patch_a1111([attention.CrossAttention], run):
+        patched = attention.CrossAttention.forward
+
+        def recording_forward(self, x, context=None, *args, **kwargs):
+            out = patched(self, x, context, *args, **kwargs)
+            if context is not None:
+                calls.append((self, x.detach().clone(), context.detach().clone(), out.detach().clone()))
+            return out
+
+        with AttributePatch().add(attention.CrossAttention, "forward", recording_forward):
+            a1111_forward(model, inp, append_negative(inp["context"], negative))
+    assert len(calls) == 7
+
+    def project(linear, t):
+        bias = None if linear.bias is None else linear.bias.double()
+        return torch.nn.functional.linear(t.double(), linear.weight.double(), bias)
+
+    for attn, x, context, out in calls:
+        q, k, v = (project(layer, t).reshape(2, t.shape[1], attn.heads, -1).transpose(1, 2)
+                   for layer, t in ((attn.to_q, x), (attn.to_k, context), (attn.to_v, context)))
+
+        def expected(bug=None):
+            z = cross_expected(q, k, v, range(77), [range(77, 77 + n) for n in lengths], 3.0, 0.2, bug=bug)
+            return project(attn.to_out[0], z.transpose(1, 2).reshape(out.shape))
+
+        torch.testing.assert_close(out.double(), expected(), atol=2e-5, rtol=1e-4)
+        for bug in CROSS_BUGS:
+            assert (out.double() - expected(bug)).abs().max() > 1e-3, bug
 
 
 def test_a1111_alpha_zero_beta_inf_and_empty_negative(a1111):

@@ -1,7 +1,8 @@
-"""Import a WebUI host's model code from a local checkout, for the real-host tests of Forge Neo and reForge.
+"""Import a WebUI host's model code from a local checkout, for the real-host tests.
 
-The tests skip unless `VSF_NEO_DIR` (Forge Neo, `neo` branch), `VSF_REFORGE_DIR` (reForge) or
-`VSF_FORGE_DIR` (Forge) point at a checkout. Forge and Forge Neo both own a top-level `backend`
+The tests skip unless `VSF_NEO_DIR` (Forge Neo, `neo` branch), `VSF_REFORGE_DIR` (reForge),
+`VSF_FORGE_DIR` (Forge), `VSF_A1111_DIR` (AUTOMATIC1111) or `VSF_A1111_REPOS_DIR` (A1111's
+`repositories/`) point at a checkout. Forge and Forge Neo both own a top-level `backend`
 package, so `host_modules()` swaps the host's modules in and out of `sys.modules`: every test file runs
 alone or together with the others in one pytest process. Nothing here is host code.
 """
@@ -24,6 +25,8 @@ HOSTS = {
     "neo": ("VSF_NEO_DIR", ("modules_forge/packages",), ["--cpu", "--use-pytorch-cross-attention"]),
     "forge": ("VSF_FORGE_DIR", ("packages_3rdparty",), ["--always-cpu"]),
     "reforge": ("VSF_REFORGE_DIR", (), ["--always-cpu", "--attention-pytorch"]),
+    # AUTOMATIC1111's own model files (`modules/models/sd3/`); argv is what `modules.devices` needs on CPU
+    "a1111": ("VSF_A1111_DIR", (), ["--use-cpu", "all", "--no-half", "--precision", "full", "--skip-torch-cuda-test"]),
     # A1111's `repositories/` folder: Stability-AI/stablediffusion (ldm) and generative-models (sgm) at the
     # commits A1111 pins; only their model code is imported (no WebUI).
     "a1111-repos": ("VSF_A1111_REPOS_DIR", ("stable-diffusion-stability-ai", "generative-models"), []),
@@ -66,6 +69,42 @@ def _omegaconf_stand_in() -> None:
         sys.modules[module.__name__] = module
 
 
+class _A1111SdHijackStandIn(__import__("types").ModuleType):
+    """Stands in for A1111's `modules.sd_hijack`, which imports the whole WebUI (gradio, fastapi,
+    torchvision, open_clip, the model loader). `modules/models/sd3/other_impls.py` imports it only for
+    `sd_hijack.TextualInversionEmbeddings` inside its CLIP text-model classes, which the real-host tests
+    never build: any attribute access says so instead of failing somewhere deeper."""
+
+    __vsf_stub__ = True
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(f"modules.sd_hijack is a test stand-in (the real one needs the whole WebUI): no {name!r}")
+
+
+def _a1111_stand_ins(argv) -> None:
+    """The two A1111 modules the SD3 model files reach that cannot load without the WebUI, replaced by
+    the least that the code under test reads. Both are marked `__vsf_stub__` and removed on exit.
+    - `modules.shared` (imports gradio and builds every option at import): `cmd_opts` parsed by
+      A1111's own parser (`modules/cmd_args.py`) from the CPU `argv` above, which `modules.devices`
+      reads at import (`use_ipex`, `use_cpu`, `device_id`, ...); `opts` with the two fields the adapter
+      reads, `data` (it writes `skip_early_cond` there) and `sd3_enable_t5`.
+    - `modules.sd_hijack`: see `_A1111SdHijackStandIn`."""
+    import types
+
+    import modules  # type: ignore[import-not-found]  # A1111's namespace package
+    from modules import cmd_args  # type: ignore[import-not-found]
+
+    shared = types.ModuleType("modules.shared")
+    shared.__vsf_stub__ = True
+    shared.cmd_opts = cmd_args.parser.parse_args(argv)
+    shared.opts = types.SimpleNamespace(data={"skip_early_cond": 0.0}, sd3_enable_t5=False)
+    sd_hijack = _A1111SdHijackStandIn("modules.sd_hijack")
+    modules.shared, modules.sd_hijack = shared, sd_hijack
+    sys.modules["modules.shared"], sys.modules["modules.sd_hijack"] = shared, sd_hijack
+
+
 def _is_host_module(name: str) -> bool:
     return name.split(".", 1)[0] in HOST_PACKAGES
 
@@ -89,6 +128,8 @@ def host_modules(host: str):
         if host == "reforge":
             from ldm_patched.modules import args_parser  # type: ignore[import-not-found]
             args_parser.args, _ = args_parser.parser.parse_known_args()
+        if host == "a1111":
+            _a1111_stand_ins(argv)
         yield root
     finally:
         for name in [n for n in sys.modules if _is_host_module(n) or _is_stub(n)]:
@@ -125,6 +166,40 @@ def stub_webui_shared() -> None:
         package.__path__ = []
         package.shared = types.ModuleType("modules.shared")
         sys.modules["modules"], sys.modules["modules.shared"] = package, package.shared
+
+
+@contextlib.contextmanager
+def shared_opts(**opts):
+    """A stand-in `modules.shared` whose only content is `opts` with the given fields (the host's
+    text engines read e.g. `opts.emphasis`; the real module needs the whole WebUI and gradio). The
+    host's own `modules` package stays importable when there is one (Neo's `backend/stream.py` imports
+    `modules.devices`). The previous `modules` / `modules.shared` entries are put back on exit."""
+    import types
+
+    saved = {n: sys.modules.get(n) for n in ("modules", "modules.shared")}
+    try:
+        modules = importlib.import_module("modules")
+    except ImportError:
+        modules = types.ModuleType("modules")
+        modules.__path__ = []
+    saved_attribute = modules.__dict__.get("shared")
+    shared = types.ModuleType("modules.shared")
+    shared.opts = types.SimpleNamespace(**opts)
+    shared.__vsf_stub__ = True
+    modules.shared = shared
+    sys.modules.update({"modules": modules, "modules.shared": shared})
+    try:
+        yield shared.opts
+    finally:
+        if saved_attribute is None:
+            modules.__dict__.pop("shared", None)
+        else:
+            modules.shared = saved_attribute
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 def init_weights(model: torch.nn.Module, seed: int = 0, std: float = 0.08) -> torch.nn.Module:
@@ -226,3 +301,41 @@ def call_sampling_function(sampling, sd_model, x, text_cond, text_uncond, cond_s
     with torch.no_grad():
         out = sampling.sampling_function(denoiser, params, cond_scale, [[(i, 1.0)] for i in range(batch)])
     return (out[0] if isinstance(out, tuple) else out), params.sigma
+
+
+# -- Flux's T5 text side ---------------------------------------------------------------------------------
+
+T5_VOCAB, T5_WIDTH = 512, 32
+
+
+def hf_t5_encoder(seed: int = 0):
+    """A tiny `transformers` T5 encoder whose weights also fit the hosts' own T5 class (Forge and Neo fix
+    32 relative-position buckets and max distance 128, as T5 does; inner width = model width)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=T5_VOCAB, d_model=T5_WIDTH, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval()
+
+
+def host_t5(t5_module, hf_encoder):
+    """The host's `IntegratedT5` (`backend/nn/t5.py`) carrying `hf_encoder`'s weights."""
+    model = t5_module.IntegratedT5({"num_layers": 2, "d_model": T5_WIDTH, "d_ff": 48, "dense_act_fn": "relu",
+                                    "is_gated_act": False, "num_heads": 4, "model_type": "t5", "vocab_size": T5_VOCAB})
+    state = {k: v for k, v in hf_encoder.state_dict().items() if k != "encoder.embed_tokens.weight"}  # tied to shared
+    model.transformer.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+class T5WordTokenizer:
+    """A word-level stand-in for the T5 tokenizer (one id >= 2 per word, from the word's CRC): the
+    chunking under test is the host's."""
+
+    def get_vocab(self):
+        return {}
+
+    def __call__(self, texts, truncation=False, add_special_tokens=False):
+        import zlib
+
+        return {"input_ids": [[2 + zlib.crc32(w.encode()) % (T5_VOCAB - 2) for w in t.split()] for t in texts]}

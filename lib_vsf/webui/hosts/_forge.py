@@ -17,6 +17,8 @@ Negative encoding: the host's own `get_learned_conditioning` (emphasis, textual 
 as the user set them) on one prompt at a time, then cut to the real tokens: each CLIP chunk up to its
 first EOS (BOS + tokens + EOS; CLIP is causal, so those positions equal an unpadded encoding), the T5
 part up to its EOS (tokens + EOS), and nothing of a zero-filled T5 slot (SD3 with T5 off).
+Flux's lambda (paper eq. 10) extrapolates against `p0` as `lib_vsf.flux_lambda` defines it: the empty
+prompt encoded by the host's own T5 engine, so it exists even when the negative fills its T5 chunk.
 """
 from __future__ import annotations
 
@@ -24,12 +26,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ...flux_lambda import extrapolate_negative, null_embedding
 from ...state import NegativeText
 from ...settings import VSFSettings
 from ._guided import warn_once
-from .base import COND, SamplingContext, append_negative, extrapolate_negative, real_length
+from .base import COND, SamplingContext, append_negative, real_length
 
 CLIP_CHUNK = 77
+FLUX_T5_LENGTH = 256  # Forge's and Neo's Flux T5 engines pad every prompt to at least this many tokens
 
 
 def is_forge() -> bool:
@@ -104,15 +108,17 @@ def encode_each(prompts: Sequence[str], encode_one: Callable[[str], torch.Tensor
     return NegativeText.from_sequences([r.detach().clone() for r in rows])
 
 
-def flux_negative(crossattn: torch.Tensor, t5_len: int, settings: VSFSettings) -> torch.Tensor:
-    """Unpadded Flux T5 negative `[t5_len, E]` with the lambda extrapolation (paper eq. 10); the null
-    embedding `p0` is the mean of this encoding's padding positions."""
-    row = crossattn[0]
-    negative = row[:t5_len]
-    if settings.flux_lambda and t5_len < row.shape[0]:
-        null = row[t5_len:].float().mean(dim=0, keepdim=True)
-        negative = extrapolate_negative(negative.float(), null, settings.flux_lambda).to(row.dtype)
-    return negative
+def t5_null_embedding(engine: Any) -> torch.Tensor:
+    """`p0` of paper eq. 10 (`lib_vsf.flux_lambda.null_embedding`) through a Forge / Neo T5 text engine:
+    the empty prompt padded to the engine's own prompt length (`min_length`; engines that pad nothing,
+    Chroma's, use Flux's 256), encoded by the engine's `process_tokens` like any prompt chunk."""
+    length = engine.min_length if engine.min_length >= 2 else FLUX_T5_LENGTH
+
+    def encode(ids: torch.Tensor) -> torch.Tensor:
+        tokens = ids.tolist()
+        return engine.process_tokens(tokens, [[1.0] * len(row) for row in tokens])
+
+    return null_embedding(encode, engine.id_end, engine.id_pad, length)
 
 
 def attach_forge(p: Any, ctx: SamplingContext) -> None:
@@ -168,10 +174,18 @@ def forge_backend_note() -> str | None:
 
 def encode_flux_negatives(p: Any, sd_model: Any, prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
     """Flux / Chroma negatives through the host's T5 engine (Forge and Forge Neo): T5 tokens + EOS of
-    each prompt, lambda-extrapolated (paper eq. 10)."""
+    each prompt, lambda-extrapolated (paper eq. 10) against the engine's null embedding (computed once
+    per call, after the first negative: the host's encode loads the text encoder and sets its emphasis)."""
+    engine = sd_model.text_processing_engine_t5
+    null: list[torch.Tensor] = []
 
     def encode(prompt: str):
-        cond = host_encode(p, sd_model, prompt)  # runs the engine first: it sets its emphasis mode
-        return flux_negative(cond["crossattn"], t5_length(sd_model.text_processing_engine_t5, prompt), settings)
+        cond = host_encode(p, sd_model, prompt)
+        negative = cond["crossattn"][0, :t5_length(engine, prompt)]
+        if not settings.flux_lambda:
+            return negative
+        if not null:
+            null.append(t5_null_embedding(engine))
+        return extrapolate_negative(negative, null[0], settings.flux_lambda)
 
     return encode_each(prompts, encode)

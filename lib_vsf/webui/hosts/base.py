@@ -20,7 +20,7 @@ Contract, in words:
 - `encode_negative()` returns one row per prompt, each *without padding* (CLIP: BOS + tokens + EOS;
   T5: tokens + EOS; zero-filled parts such as Forge's SD3 T5 slot with T5 off are not tokens). An empty
   prompt gives a row of 0 tokens (guidance is then a no-op for that image). Flux's lambda
-  extrapolation is applied here (`extrapolate_negative`). Pooled vectors stay positive-only.
+  extrapolation is applied here (`lib_vsf.flux_lambda`). Pooled vectors stay positive-only.
 - `attach()` makes the negative tokens reach the model's text stream for the model calls of the guided
   steps, and, when `ctx.single_pass`, makes the host run one conditional pass (no uncond batch).
   It may only change per-pass objects (e.g. Forge's cloned `UnetPatcher`, which Forge rebuilds before
@@ -38,7 +38,7 @@ Contract, in words:
 
 `hosts/_forge.py` holds the Forge-family pieces (`attach_forge`: negative into `c_crossattn` through
 the UnetPatcher's model-function wrapper plus one conditional pass; `host_encode`, `clip_chunk_lengths`,
-`t5_length`, `unpad_clip_t5`, `flux_negative`, `encode_each`) that other Forge-family adapters may reuse.
+`t5_length`, `unpad_clip_t5`, `t5_null_embedding`, `encode_each`) that other Forge-family adapters may reuse.
 
 Everything here is host-free (no `modules.*` imports). Adapter modules are discovered automatically
 (every module of `lib_vsf/webui/hosts/`, see `hosts/__init__.py`) and imported on every host, so they
@@ -148,14 +148,6 @@ def real_length(tokens: Sequence[int], end_id: int, has_start: bool) -> int:
         if tokens[i] == end_id:
             return 0 if i == start else i + 1
     return len(tokens)
-
-
-def extrapolate_negative(embeds: torch.Tensor, null: torch.Tensor, flux_lambda: float) -> torch.Tensor:
-    """Flux negative extrapolation (paper eq. 10): `p- + lambda * (p- - p0)`, `p0` the null embedding
-    (broadcast over tokens). `lambda = 0` returns `embeds` unchanged."""
-    if flux_lambda == 0:
-        return embeds
-    return embeds + flux_lambda * (embeds - null.to(embeds.dtype))
 
 
 def append_negative(context: torch.Tensor, negative: NegativeText) -> torch.Tensor:

@@ -5,7 +5,8 @@ Forge's `attention(q, k, v, pe)` applies RoPE and calls the `attention_function`
 `[B, L, H*D]`. Both block kinds put the text first (`cat(txt, img)`), and every call in the file is
 joint, so the replacement guides each call whose sequence is longer than the announced text stream.
 Conditioning: `{"crossattn": [B, >=256, 4096] (T5), "vector": pooled CLIP-L, "guidance"}`; the
-negative is T5 tokens + EOS, extrapolated by lambda (paper eq. 10) against the mean padding embedding.
+negative is T5 tokens + EOS, extrapolated by lambda (paper eq. 10) against the null embedding of
+`lib_vsf.flux_lambda` (the empty prompt's mean padding encoding, through Forge's own T5 engine).
 The guided calls use PyTorch SDPA; Forge's other backends (xformers, split, sub-quadratic) cannot take
 VSF's mask, so `backend_note()` says so when one of them is selected.
 """

@@ -89,7 +89,9 @@ class NeoFluxAdapter(HostAdapter):
 
     def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
         """T5 tokens + EOS of each negative (Flux and Chroma both encode with Neo's T5 engine), with
-        the lambda extrapolation against the mean padding embedding (paper eq. 10)."""
+        the lambda extrapolation (paper eq. 10) against the null embedding of `lib_vsf.flux_lambda`:
+        the empty prompt's mean padding encoding through Neo's T5 engine (Chroma's engine pads nothing,
+        so its null is the empty prompt padded to Flux's 256)."""
         return _forge.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
