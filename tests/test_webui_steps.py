@@ -63,6 +63,7 @@ def test_the_double_replays_the_hosts_call_order(host, sampler):
     ("DDIM", 0.0, 0.3, [0]),
     ("PLMS", 0.6, 1.0, [2]),              # 3 steps as DDIM
     ("PLMS", 0.0, 0.3, [0, 0]),           # both calls of its first step
+    ("PLMS", 0.25, 0.5, [1]),             # 1/3 only: the call counter (call 1 of 4 = 0.25) would take step 0's
 ])
 def test_step_window_guides_exactly_the_calls_of_the_steps_inside_it(host, sampler, start, end, guided_steps):
     p = host.process_images(Processing(host, steps=4, sampler_name=sampler), window(start, end))
