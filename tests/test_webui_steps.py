@@ -33,6 +33,7 @@ CALLS_4_STEPS = {
     "Euler": [0, 1, 2, 3],
     "Heun": [0, 0, 1, 1, 2, 2, 3],  # corrector after each step but the last (to sigma 0)
     "Restart": [0, 0, 1, 1, 2, 2, 3],  # model called from a nested step function: the call-counter path
+    "Stale index": [0, 0, 1, 1, 2, 2, 3],  # its frame's `i` is left over from building the step list
     "DDIM": [0, 1, 2],  # the hosts' timestep samplers run len(timesteps) - 1 = 3 steps for "4 steps"
     "PLMS": [0, 0, 1, 2],  # two calls in its first step
 }
@@ -45,7 +46,7 @@ def test_the_double_replays_the_hosts_call_order(host, sampler):
     # the host's sampling_step at each call, as the hosts set it (callback after the step's first call for
     # k-diffusion samplers, after the whole step for DDIM/PLMS): never ahead, and behind on later steps
     lagged = {"Euler": [0, 0, 1, 2], "Heun": [0, 0, 0, 1, 1, 2, 2], "Restart": [0, 0, 0, 1, 1, 2, 2],
-              "DDIM": [0, 0, 1], "PLMS": [0, 0, 0, 1]}
+              "Stale index": [0, 0, 0, 1, 1, 2, 2], "DDIM": [0, 0, 1], "PLMS": [0, 0, 0, 1]}
     assert [s["host_step"] for s in p.trace] == lagged[sampler]
 
 
@@ -59,6 +60,8 @@ def test_the_double_replays_the_hosts_call_order(host, sampler):
     ("Heun", 0.5, 0.75, [2, 2]),
     ("Restart", 0.75, 1.0, [3]),
     ("Restart", 0.0, 0.25, [0, 0]),
+    ("Stale index", 0.0, 0.25, [0, 0]),   # i = 3 in its frame throughout: rejected by the host-step check
+    ("Stale index", 0.75, 1.0, [3]),
     ("DDIM", 0.6, 1.0, [2]),              # steps 0, 1, 2 of 3: 2/3 >= 0.6, 1/3 < 0.6
     ("DDIM", 0.0, 0.3, [0]),
     ("PLMS", 0.6, 1.0, [2]),              # 3 steps as DDIM
@@ -106,12 +109,13 @@ def test_each_sampler_step_source_is_the_one_documented(host, monkeypatch):
 
     monkeypatch.setattr(steps, "step_of_call", recording)
     seen = {}
-    for name in ("Euler", "Heun", "DDIM", "PLMS", "Restart"):
+    for name in ("Euler", "Heun", "DDIM", "PLMS", "Restart", "Stale index"):
         sources.clear()
         host.process_images(Processing(host, steps=3, sampler_name=name), window(0.0, 1.0))
         seen[name] = set(sources)
     assert seen == {"Euler": {steps.SAMPLER_LOOP}, "Heun": {steps.SAMPLER_LOOP}, "DDIM": {steps.SAMPLER_LOOP},
-                    "PLMS": {steps.SAMPLER_LOOP}, "Restart": {steps.CALL_COUNTER}}
+                    "PLMS": {steps.SAMPLER_LOOP}, "Restart": {steps.CALL_COUNTER},
+                    "Stale index": {steps.CALL_COUNTER}}
     bare = SimpleNamespace(sampling_step=2, total_sampling_steps=5, denoiser=None)
     assert original(bare) == steps.StepPosition(2, 5, steps.HOST_STEP)
 
@@ -125,3 +129,14 @@ def test_call_counter_maps_second_order_calls_to_their_step():
         denoiser.step = call
         found.append(steps.step_of_call(params).step)
     assert found == [0, 0, 1, 1, 2, 2, 3]
+
+
+def test_a_loop_index_the_host_step_contradicts_is_not_used():
+    # Inside step i the host's lagged sampling_step is i - 1 or i; i = 3 with the host at step 1 is an
+    # index left over from something else, and the denoiser's call counter decides instead.
+    denoiser = SimpleNamespace(step=2, steps=4, total_steps=4)
+    frame_locals = {"model": denoiser, "i": 3, "sigmas": [4.0, 3.0, 2.0, 1.0, 0.0]}
+    assert steps._loop_position(frame_locals, denoiser, host_step=1) is None
+    assert steps._loop_position(frame_locals, denoiser, host_step=2) == steps.StepPosition(3, 4, steps.SAMPLER_LOOP)
+    assert steps._loop_position(frame_locals, denoiser, host_step=3) == steps.StepPosition(3, 4, steps.SAMPLER_LOOP)
+    assert steps._loop_position({**frame_locals, "model": object()}, denoiser, host_step=2) is None  # not its caller

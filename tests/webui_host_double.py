@@ -330,6 +330,26 @@ def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return x
 
 
+def sample_stale_index(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """A sampler that calls the model from its own frame, after a loop over `i` that only built its step
+    list (so `i` is not the current step there), second order except the last step."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    step_list = []
+    for i in range(len(sigmas) - 1):
+        step_list.append((sigmas[i], sigmas[i + 1]))
+    for step_id, (old_sigma, new_sigma) in enumerate(step_list):
+        _before_step(model, step_id)
+        model(x, old_sigma * s_in, **extra_args)
+        _label(model, step_id)
+        if callback is not None:
+            callback({"x": x, "i": step_id, "sigma": new_sigma, "sigma_hat": old_sigma, "denoised": x})
+        if new_sigma != 0:
+            model(x, new_sigma * s_in, **extra_args)
+            _label(model, step_id)
+    return x
+
+
 def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
     """A timestep sampler (the hosts' `sd_samplers_timesteps_impl.ddim`): `timesteps` ascending, walked
     from the end, one model call per step and the callback at the *end* of the step. As in the hosts,
@@ -371,6 +391,7 @@ SAMPLERS = {
     "Euler": (sample_euler, "sigmas", False),
     "Heun": (sample_heun, "sigmas", True),
     "Restart": (sample_restart, "sigmas", True),
+    "Stale index": (sample_stale_index, "sigmas", True),
     "DDIM": (ddim, "timesteps", False),
     "PLMS": (plms, "timesteps", False),
 }
@@ -430,8 +451,9 @@ class Sampler:
         else:
             schedule = torch.arange(0, 1000, 1000 // steps) + 1
         x = torch.zeros(1)
-        return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, extra_args={}, callback=self.callback_state,
-                                                             disable=True, **{self.schedule_name: schedule}))
+        schedule_arg = {self.schedule_name: schedule}
+        return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, extra_args={},
+                                                             callback=self.callback_state, disable=True, **schedule_arg))
 
 
 # -- processing ----------------------------------------------------------------------------------------------

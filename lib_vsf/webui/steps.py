@@ -21,7 +21,10 @@ What is exact at the time of the call, in order of preference:
    only inside `for i in trange(len(schedule) - 1)`. So the frame that called the CFG denoiser, when its
    `model` *is* that denoiser and it holds an int `i` and the schedule, gives `step = i` and
    `total = len(schedule) - 1`, for every call of the step, correctors included. (DDIM/PLMS run one
-   step fewer than requested, `len(timesteps) - 1`; that is the pass's real number of steps.)
+   step fewer than requested, `len(timesteps) - 1`; that is the pass's real number of steps.) That `i`
+   is the running loop's index, not one left over from an earlier loop (A1111's restart sampler keeps
+   such an `i`), is checked twice: the line being run lies inside a `for i in ...` loop of the
+   function's source (read once per function), and the host's lagged `sampling_step` is i - 1 or i.
 2. **The CFG denoiser's call counter**, for samplers whose model calls come from elsewhere (A1111's
    restart sampler calls from a nested step function, UniPC from its solver, DPM fast/adaptive from
    theirs): the hosts' denoiser counts its calls in `step` (reset per pass), and `launch_sampling` sets
@@ -36,9 +39,13 @@ Only reading is done: no frame is kept, nothing of the host is changed.
 """
 from __future__ import annotations
 
+import ast
+import inspect
 import operator
 import sys
+import textwrap
 from dataclasses import dataclass
+from types import CodeType
 from typing import Any
 
 # Frames between this module and the sampler loop: step_of_call, the runner's callback, the host's
@@ -65,7 +72,8 @@ def step_of_call(params: Any) -> StepPosition:
     Must be called from inside that callback (it looks up the caller's stack)."""
     denoiser = getattr(params, "denoiser", None)
     if denoiser is not None:
-        position = _sampler_loop_position(denoiser) or _call_counter_position(denoiser)
+        host_step = _as_int(getattr(params, "sampling_step", None))
+        position = _sampler_loop_position(denoiser, host_step) or _call_counter_position(denoiser)
         if position is not None:
             return position
     step = _as_int(getattr(params, "sampling_step", 0)) or 0
@@ -73,7 +81,7 @@ def step_of_call(params: Any) -> StepPosition:
     return StepPosition(max(step, 0), max(total, 0), HOST_STEP)
 
 
-def _sampler_loop_position(denoiser: Any) -> StepPosition | None:
+def _sampler_loop_position(denoiser: Any, host_step: int | None) -> StepPosition | None:
     """Source 1: the loop index of the sampler function that called `denoiser`."""
     frame = sys._getframe(1)
     try:
@@ -89,12 +97,14 @@ def _sampler_loop_position(denoiser: Any) -> StepPosition | None:
                 return None
         if frame is None:
             return None
-        return _loop_position(frame.f_locals, denoiser)
+        if not _inside_step_loop(frame.f_code, frame.f_lineno):
+            return None
+        return _loop_position(frame.f_locals, denoiser, host_step)
     finally:
         del frame  # a frame reference would keep the whole stack alive
 
 
-def _loop_position(local_vars: Any, denoiser: Any) -> StepPosition | None:
+def _loop_position(local_vars: Any, denoiser: Any, host_step: int | None) -> StepPosition | None:
     if local_vars.get("model") is not denoiser:
         return None
     step = _as_int(local_vars.get("i"))
@@ -107,7 +117,34 @@ def _loop_position(local_vars: Any, denoiser: Any) -> StepPosition | None:
         return None
     if not 0 <= step < total:
         return None
+    # A model call inside step i sees the host's lagged step i - 1 or i. Anything else means `i` is not
+    # the running loop's index (a variable left over from an earlier loop): use the call counter.
+    if host_step is not None and not step - 1 <= host_step <= step:
+        return None
     return StepPosition(step, total, SAMPLER_LOOP)
+
+
+# code object of a sampler function -> line spans of its `for i in ...` loop bodies (read once from source)
+_step_loops: dict[CodeType, tuple[tuple[int, int], ...]] = {}
+
+
+def _inside_step_loop(code: CodeType, line: int | None) -> bool:
+    """The line being run in `code` lies inside a `for i in ...` loop of that function's source, so `i`
+    is the running loop's index (not one left over from an earlier loop, nor unbound yet)."""
+    if code not in _step_loops:
+        _step_loops[code] = _loop_spans(code)
+    return line is not None and any(first <= line <= last for first, last in _step_loops[code])
+
+
+def _loop_spans(code: CodeType) -> tuple[tuple[int, int], ...]:
+    try:
+        lines, start = inspect.getsourcelines(code)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError, IndentationError):  # no source: the counter decides
+        return ()
+    offset = max(start, 1) - 1
+    return tuple((offset + node.body[0].lineno, offset + node.end_lineno) for node in ast.walk(tree)
+                 if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and node.target.id == "i")
 
 
 def _call_counter_position(denoiser: Any) -> StepPosition | None:

@@ -47,7 +47,7 @@ import torch
 
 from lib_vsf.settings import VSFSettings
 from lib_vsf.state import NegativeText
-from lib_vsf.webui import runner
+from lib_vsf.webui import runner, steps
 from lib_vsf.webui.args import ScriptArgs
 from vsf_host_setup import git_commit, host_modules
 
@@ -129,7 +129,8 @@ class ForgeModel(RecordingModel):
 
     def __init__(self, k_prediction):
         super().__init__()
-        unet = types.SimpleNamespace(model=types.SimpleNamespace(predictor=k_prediction.Prediction(prediction_type="epsilon")),
+        predictor = k_prediction.Prediction(prediction_type="epsilon")
+        unet = types.SimpleNamespace(model=types.SimpleNamespace(predictor=predictor),
                                      model_options={"transformer_options": {}})  # Neo writes the sigmas there
         self.forge_objects = types.SimpleNamespace(unet=unet)
 
@@ -162,7 +163,8 @@ def webui_sampling(host):
                 pytest.skip("VSF_A1111_REPOS_DIR does not point at A1111's repositories (k-diffusion)")
         else:
             root = stack.enter_context(host_modules(host))  # sys.path, argv, the host's `backend`
-            kdiff = next(os.path.join(root, *d.split("/")) for d in ("k_diffusion", "modules_forge/packages/k_diffusion")
+            kdiff = next(os.path.join(root, *d.split("/"))  # Forge's, or Neo's bundled copy
+                         for d in ("k_diffusion", "modules_forge/packages/k_diffusion")
                          if os.path.isfile(os.path.join(root, *d.split("/"), "sampling.py")))
             # before any stand-in exists: diffusers (imported by it) records which packages are installed
             k_prediction = importlib.import_module("backend.modules.k_prediction")
@@ -249,10 +251,10 @@ def run_sampler(host, sampler_name, steps, settings):
         pytest.skip(f"{host.host} has no {sampler_name} sampler")
     sampler = data.constructor(host.sd_model)
     sampler.config = data  # as `sd_samplers.create_sampler` does
-    p = Processing(sd_model=host.sd_model, steps=steps, cfg_scale=1.0, is_hr_pass=False, enable_hr=False, scheduler="Automatic",
-                              hr_scheduler=None, sampler_noise_scheduler_override=None, extra_generation_params={},
-                              eta=None, rng=ImageRNG((1, 4, 2, 2)), refiner_checkpoint_info=None, refiner_switch_at=None, scripts=None,
-                              s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0)
+    p = Processing(sd_model=host.sd_model, steps=steps, cfg_scale=1.0, is_hr_pass=False, enable_hr=False,
+                   scheduler="Automatic", hr_scheduler=None, sampler_noise_scheduler_override=None,
+                   extra_generation_params={}, eta=None, rng=ImageRNG((1, 4, 2, 2)), refiner_checkpoint_info=None,
+                   refiner_switch_at=None, scripts=None, s_churn=0.0, s_tmin=0.0, s_tmax=0.0, s_noise=1.0)
     generation = runner.Generation(p, ScriptArgs(True, settings))
     generation.run.set_text(1, NegativeText.from_sequences([torch.ones(3, 8)]))  # a negative of 3 tokens
     setattr(p, runner.GENERATION_ATTR, generation)
@@ -334,3 +336,20 @@ def test_restart_sampler_with_restarts_counts_its_own_steps(webui):
     truth = [call // 2 for call in range(39)]
     assert len(calls) == 39
     assert [c["guided"] for c in calls] == expected_guided(truth, 20, 0.75, 1.0)
+
+
+@pytest.mark.parametrize("sampler_name, source", [
+    ("Euler", steps.SAMPLER_LOOP), ("Heun", steps.SAMPLER_LOOP), ("DPM2", steps.SAMPLER_LOOP),
+    ("DDIM", steps.SAMPLER_LOOP), ("PLMS", steps.SAMPLER_LOOP),
+    ("Restart", steps.CALL_COUNTER),  # its model calls come from a nested step function
+])
+def test_the_step_comes_from_the_documented_source(webui, sampler_name, source, monkeypatch):
+    original, sources = steps.step_of_call, []
+    def recording(params):
+        position = original(params)
+        sources.append(position.source)
+        return position
+
+    monkeypatch.setattr(steps, "step_of_call", recording)
+    run_sampler(webui, sampler_name, 4, VSFSettings())
+    assert sources and set(sources) == {source}
