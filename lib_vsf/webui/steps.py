@@ -22,16 +22,19 @@ What is exact at the time of the call, in order of preference:
    `model` *is* that denoiser and it holds an int `i` and the schedule, gives `step = i` and
    `total = len(schedule) - 1`, for every call of the step, correctors included. (DDIM/PLMS run one
    step fewer than requested, `len(timesteps) - 1`; that is the pass's real number of steps.) That `i`
-   is the running loop's index, not one left over from an earlier loop (A1111's restart sampler keeps
-   such an `i`), is checked twice: the line being run lies inside a `for i in ...` loop of the
+   is the running loop's index, not one left over from an earlier loop (the restart sampler's own frame
+   holds such an `i`), is checked twice: the line being run lies inside a `for i in ...` loop of the
    function's source (read once per function), and the host's lagged `sampling_step` is i - 1 or i.
+   (Checked against the sources of A1111 82a973c0 with k-diffusion ab527a9a, Forge dfdcbab6, Forge Neo
+   6e1e0d5a and reForge 3b56b268.)
 2. **The CFG denoiser's call counter**, for samplers whose model calls come from elsewhere (A1111's
    restart sampler calls from a nested step function, UniPC from its solver, DPM fast/adaptive from
    theirs): the hosts' denoiser counts its calls in `step` (reset per pass), and `launch_sampling` sets
    `steps` and `total_steps` = the calls it expects (`steps`, x 2 for samplers declared second order,
    restart included). The host itself reads `step / total_steps` as progress (Skip Early CFG, refiner
    switch); `step * steps // total_steps` is exact for samplers with a fixed number of calls per step
-   (second-order ones make one call fewer at the last step, which still maps to the last step).
+   (second-order ones make one call fewer at the last step, which still maps to the last step). The
+   restart sampler's steps are its Heun steps, as the host counts them (its restart segments included).
 3. **The host's `sampling_step` as given**, only when neither is there (a CFG denoiser without the
    counter); it may lag one step.
 
