@@ -140,3 +140,8 @@ def test_a_loop_index_the_host_step_contradicts_is_not_used():
     assert steps._loop_position(frame_locals, denoiser, host_step=2) == steps.StepPosition(3, 4, steps.SAMPLER_LOOP)
     assert steps._loop_position(frame_locals, denoiser, host_step=3) == steps.StepPosition(3, 4, steps.SAMPLER_LOOP)
     assert steps._loop_position({**frame_locals, "model": object()}, denoiser, host_step=2) is None  # not its caller
+    # the schedule is the function's argument: DDIM's own local `sigmas` (eta noise levels) is not it
+    assert steps._loop_position(frame_locals, denoiser, 2, parameters=("model", "x", "timesteps")) is None
+    # a sigma schedule shorter than the host's steps: the sampler cut it (did a step before its loop)
+    cut = {**frame_locals, "sigmas": [3.0, 2.0, 1.0, 0.5, 0.0]}
+    assert steps._loop_position(cut, SimpleNamespace(steps=5), host_step=2) is None

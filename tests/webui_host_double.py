@@ -353,15 +353,17 @@ def sample_stale_index(model, x, sigmas, extra_args=None, callback=None, disable
 def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
     """A timestep sampler (the hosts' `sd_samplers_timesteps_impl.ddim`): `timesteps` ascending, walked
     from the end, one model call per step and the callback at the *end* of the step. As in the hosts,
-    `len(timesteps)` is the requested step count and the loop runs one step fewer."""
+    `len(timesteps)` is the requested step count and the loop runs one step fewer. Like the hosts' DDIM it
+    has a local `sigmas` (its eta noise levels, one per timestep) that is not a sigma schedule."""
     extra_args = extra_args or {}
+    sigmas = torch.zeros(len(timesteps))  # eta = 0
     s_in = x.new_ones([x.shape[0]])
     for i in range(len(timesteps) - 1):
         index = len(timesteps) - 1 - i
         _before_step(model, i)
         e_t = model(x, timesteps[index].item() * s_in, **extra_args)
         _label(model, i)
-        x = x - 0.01 * e_t
+        x = x - 0.01 * e_t + sigmas[index] * x
         if callback is not None:
             callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": x})
     return x

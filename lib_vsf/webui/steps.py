@@ -24,7 +24,9 @@ What is exact at the time of the call, in order of preference:
    step fewer than requested, `len(timesteps) - 1`; that is the pass's real number of steps.) That `i`
    is the running loop's index, not one left over from an earlier loop (the restart sampler's own frame
    holds such an `i`), is checked twice: the line being run lies inside a `for i in ...` loop of the
-   function's source (read once per function), and the host's lagged `sampling_step` is i - 1 or i.
+   function's source (read once per function), and the host's lagged `sampling_step` is i - 1 or i;
+   a sigma schedule must also have the host's step count (a sampler that does its first step before
+   its loop and then loops over the rest of the schedule fails that).
    (Checked against the sources of A1111 82a973c0 with k-diffusion ab527a9a, Forge dfdcbab6, Forge Neo
    6e1e0d5a and reForge 3b56b268.)
 2. **The CFG denoiser's call counter**, for samplers whose model calls come from elsewhere (A1111's
@@ -49,7 +51,7 @@ import sys
 import textwrap
 from dataclasses import dataclass
 from types import CodeType
-from typing import Any
+from typing import Any, Sequence
 
 # Frames between this module and the sampler loop: step_of_call, the runner's callback, the host's
 # callback dispatcher, extension wrappers around the denoiser, the denoiser's forward, torch's module
@@ -102,23 +104,33 @@ def _sampler_loop_position(denoiser: Any, host_step: int | None) -> StepPosition
             return None
         if not _inside_step_loop(frame.f_code, frame.f_lineno):
             return None
-        return _loop_position(frame.f_locals, denoiser, host_step)
+        parameters = frame.f_code.co_varnames[:frame.f_code.co_argcount]
+        return _loop_position(frame.f_locals, denoiser, host_step, parameters)
     finally:
         del frame  # a frame reference would keep the whole stack alive
 
 
-def _loop_position(local_vars: Any, denoiser: Any, host_step: int | None) -> StepPosition | None:
+def _loop_position(local_vars: Any, denoiser: Any, host_step: int | None,
+                   parameters: Sequence[str] = ("model", "x") + SCHEDULE_NAMES) -> StepPosition | None:
+    """Step from the locals of the frame that called `denoiser`: its `i` and its schedule *argument*
+    (`parameters`: the function's argument names; DDIM also has a local `sigmas` that is not it)."""
     if local_vars.get("model") is not denoiser:
         return None
     step = _as_int(local_vars.get("i"))
-    schedule = next((local_vars[n] for n in SCHEDULE_NAMES if local_vars.get(n) is not None), None)
-    if step is None or schedule is None:
+    name = next((n for n in SCHEDULE_NAMES if n in parameters and local_vars.get(n) is not None), None)
+    if step is None or name is None:
         return None
     try:
-        total = len(schedule) - 1
+        total = len(local_vars[name]) - 1
     except TypeError:
         return None
     if not 0 <= step < total:
+        return None
+    # A sigma schedule has the host's step count (`launch_sampling`'s `steps`, also for img2img); one that
+    # does not was cut by the sampler itself (a first step done before its loop), so `i` is not the step.
+    # The timestep samplers run fewer steps than the host counts (see above): no such check there.
+    host_steps = _as_int(getattr(denoiser, "steps", None))
+    if name == "sigmas" and host_steps is not None and total != host_steps:
         return None
     # A model call inside step i sees the host's lagged step i - 1 or i. Anything else means `i` is not
     # the running loop's index (a variable left over from an earlier loop): use the call counter.
