@@ -6,7 +6,8 @@ Skips per host unless `VSF_A1111_DIR` + `VSF_A1111_REPOS_DIR` (its `repositories
 Everything from the sampler to the extension is the host's own code: `KDiffusionSampler.sample` /
 `CompVisSampler.sample` (`get_sigmas`, `initialize`, `launch_sampling`), the host's k-diffusion (A1111's
 pinned repository, Forge's `k_diffusion/`, Neo's `modules_forge/packages/k_diffusion/`) with
-`sample_euler`, `sample_heun`, `sample_dpm_2`, the hosts' `restart_sampler`, `ddim` and `plms`, the real
+`sample_euler`, `sample_euler_ancestral`, `sample_heun`, `sample_dpm_2`, `sample_dpmpp_2m`,
+`sample_dpmpp_2s_ancestral`, the hosts' `restart_sampler`, `ddim` and `plms`, the real
 `CFGDenoiser.forward`, `script_callbacks.cfg_denoiser_callback` (which calls the extension's
 `runner.on_cfg_denoiser`, registered with the real `script_callbacks.on_cfg_denoiser`) and the real
 `callback_state`, which sets `state.sampling_step` after the model call. Stand-ins, none of them on that
@@ -29,7 +30,7 @@ path's step bookkeeping:
   `script_callbacks`). Each raises if called.
 
 The expected guided calls are written out from the spec ("Per-step scheduling") and each sampler's call
-sequence: k-diffusion's Heun and DPM2 call the model twice per step (the Heun corrector at exactly the
+sequence: k-diffusion's Heun, DPM2 and DPM++ 2S a call the model twice per step (the Heun corrector at exactly the
 next step's sigma, checked below) except the last step to sigma 0; the restart sampler likewise per
 step; the hosts' DDIM/PLMS run `len(timesteps) - 1` = steps - 1 steps, PLMS with two calls in its first.
 """
@@ -273,6 +274,9 @@ def run_sampler(host, sampler_name, steps, settings):
 # Per sampler, for 4 requested steps: the pass's number of steps, and the step of each model call.
 CALLS = {
     "Euler": (4, [0, 1, 2, 3]),
+    "Euler a": (4, [0, 1, 2, 3]),
+    "DPM++ 2M": (4, [0, 1, 2, 3]),
+    "DPM++ 2S a": (4, [0, 0, 1, 1, 2, 2, 3]),  # second call unless sigma_down is 0 (the last step)
     "Heun": (4, [0, 0, 1, 1, 2, 2, 3]),
     "DPM2": (4, [0, 0, 1, 1, 2, 2, 3]),
     "Restart": (4, [0, 0, 1, 1, 2, 2, 3]),
@@ -306,7 +310,7 @@ def test_window_over_the_first_step_guides_only_its_calls(webui, sampler_name):
     assert [c["step"] for c in calls if c["guided"]] == [0] * truth.count(0)
 
 
-@pytest.mark.parametrize("sampler_name", ["Euler", "Heun", "DPM2", "Restart"])
+@pytest.mark.parametrize("sampler_name", ["Euler", "Heun", "DPM2", "DPM++ 2S a", "Restart"])
 def test_alpha_schedule_value_per_step(webui, sampler_name):
     _, truth = CALLS[sampler_name]
     schedule = (1.0, 2.0, 4.0, 8.0)  # one value per step of 4: step i uses schedule[i]
@@ -340,6 +344,7 @@ def test_restart_sampler_with_restarts_counts_its_own_steps(webui):
 
 @pytest.mark.parametrize("sampler_name, source", [
     ("Euler", steps.SAMPLER_LOOP), ("Heun", steps.SAMPLER_LOOP), ("DPM2", steps.SAMPLER_LOOP),
+    ("DPM++ 2S a", steps.SAMPLER_LOOP),
     ("DDIM", steps.SAMPLER_LOOP), ("PLMS", steps.SAMPLER_LOOP),
     ("Restart", steps.CALL_COUNTER),  # its model calls come from a nested step function
 ])
