@@ -9,8 +9,10 @@ documented to behave (../shared/docs/HOSTS.md):
 - `HostDouble.load_script()` imports `scripts/vsf.py` the way hosts load extension scripts;
 - `process_images(p)` runs the hooks in the hosts' order (`process`, then `p.init`, then `p.sample` per
   batch), swallowing hook exceptions as hosts do; `Img2ImgProcessing.init` draws from the global RNG; and
-  `p.sample` runs a few denoiser steps that fire `on_cfg_denoiser` and call the "model"
-  (`ATTENTION_MODULE.attention`), with an optional hires pass, an interrupt, or an exception;
+  `p.sample` runs the hosts' sampling structure (see "the sampler" below): a sampler loop calls a
+  CFG denoiser (`torch.nn.Module`) that fires `on_cfg_denoiser` with the hosts' lagged step
+  bookkeeping and calls the "model" (`ATTENTION_MODULE.attention`), with an optional hires pass, an
+  interrupt, or an exception;
 - `api_args(...)`: `alwayson_scripts` copied verbatim into the script's slots, over the UI defaults;
 - `DoubleAdapter`: a `HostAdapter` for `DoubleModel` that patches `ATTENTION_MODULE.attention`.
 """
@@ -124,14 +126,23 @@ class Options:
 
 
 class CFGDenoiserParams:
-    def __init__(self, x, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser):
-        self.x, self.sigma = x, sigma
+    def __init__(self, x, image_cond, sigma, sampling_step, total_sampling_steps, text_cond, text_uncond, denoiser):
+        self.x, self.image_cond, self.sigma = x, image_cond, sigma
         self.sampling_step, self.total_sampling_steps = sampling_step, total_sampling_steps
         self.text_cond, self.text_uncond, self.denoiser = text_cond, text_uncond, denoiser
 
 
 class InterruptedException(BaseException):
     """The hosts' sampler interrupt (caught inside sampling, which then returns early)."""
+
+
+class State:
+    """`modules.shared.state`: the step bookkeeping the hosts keep for progress and callbacks."""
+
+    def __init__(self):
+        self.sampling_step = 0
+        self.sampling_steps = 0
+        self.interrupted = self.skipped = False
 
 
 class AxisOption:
@@ -160,6 +171,7 @@ def make_modules() -> dict[str, types.ModuleType]:
     callbacks.CFGDenoiserParams = CFGDenoiserParams
     shared = types.ModuleType("modules.shared")
     shared.opts = Options(skip_early_cond=0.0, sd3_enable_t5=False)
+    shared.state = State()
     ui_components = types.ModuleType("modules.ui_components")
     ui_components.InputAccordion = InputAccordion
     for name, mod in (("scripts", scripts), ("script_callbacks", callbacks), ("shared", shared),
@@ -230,13 +242,240 @@ class DoubleAdapter(HostAdapter):
         return AttributePatch().add(ATTENTION_MODULE, "attention", guided_attention)
 
 
+# -- the sampler ---------------------------------------------------------------------------------------------
+#
+# The hosts' step bookkeeping (../shared/docs/HOSTS.md, "Step bookkeeping"), replayed in their order:
+# `launch_sampling` sets `state.sampling_steps` and `state.sampling_step = 0`; the sampler function calls
+# the CFG denoiser (a `torch.nn.Module`, called directly from the sampler's loop) and calls the host's
+# `callback_state`, which sets `state.sampling_step = i`, only *after* step i's first model call
+# (k-diffusion samplers) or after the whole step (the timestep samplers DDIM/PLMS). So a model call reads
+# the previous step's index. The sampler functions below are written here after the structure of
+# k-diffusion's and the hosts' samplers (argument names, loop, where the model and the callback are
+# called); their arithmetic is a trivial stand-in.
+
+def _before_step(model, i):
+    """The user's interrupt / a failure (e.g. out of memory) arriving before step i."""
+    p = model.p
+    if i == p.interrupt_at_step:
+        raise InterruptedException()
+    if i == p.fail_at_step:
+        raise RuntimeError("CUDA out of memory (double)")
+
+
+def _label(model, i):
+    """Mark the model call just made with the sampler step it belongs to (the test's ground truth)."""
+    model.p.trace[-1]["step"] = i
+
+
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """First order (k-diffusion `sample_euler`): one model call per step, then the callback."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        _before_step(model, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _label(model, i)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        x = x + (x - denoised) / sigmas[i] * (sigmas[i + 1] - sigmas[i])
+    return x
+
+
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """Second order (k-diffusion `sample_heun`): the callback after the first call, then the corrector at
+    exactly `sigmas[i + 1]`, the sigma of step i + 1's first call; the last step (to sigma 0) is Euler."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        _before_step(model, i)
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _label(model, i)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": denoised})
+        d = (x - denoised) / sigmas[i]
+        dt = sigmas[i + 1] - sigmas[i]
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            _label(model, i)
+            x = x + (d + (x_2 - denoised_2) / sigmas[i + 1]) / 2 * dt
+    return x
+
+
+def sample_restart(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """A1111's restart sampler's structure (without the restarts): the model is called from a nested step
+    function, never from the sampler's own loop, and a loop variable `i` left over from building the step
+    list is not the current step. Every step is second order except the last."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    step_id = 0
+
+    def heun_step(x, old_sigma, new_sigma):
+        nonlocal step_id
+        _before_step(model, step_id)
+        denoised = model(x, old_sigma * s_in, **extra_args)
+        _label(model, step_id)
+        if callback is not None:
+            callback({"x": x, "i": step_id, "sigma": new_sigma, "sigma_hat": old_sigma, "denoised": denoised})
+        d = (x - denoised) / old_sigma
+        if new_sigma == 0:
+            x = x + d * (new_sigma - old_sigma)
+        else:
+            x_2 = x + d * (new_sigma - old_sigma)
+            model(x_2, new_sigma * s_in, **extra_args)
+            _label(model, step_id)
+            x = x_2
+        step_id += 1
+        return x
+
+    step_list = []
+    for i in range(len(sigmas) - 1):
+        step_list.append((sigmas[i], sigmas[i + 1]))
+    for old_sigma, new_sigma in step_list:
+        x = heun_step(x, old_sigma, new_sigma)
+    return x
+
+
+def sample_stale_index(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """A sampler that calls the model from its own frame, after a loop over `i` that only built its step
+    list (so `i` is not the current step there), second order except the last step."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    step_list = []
+    for i in range(len(sigmas) - 1):
+        step_list.append((sigmas[i], sigmas[i + 1]))
+    for step_id, (old_sigma, new_sigma) in enumerate(step_list):
+        _before_step(model, step_id)
+        model(x, old_sigma * s_in, **extra_args)
+        _label(model, step_id)
+        if callback is not None:
+            callback({"x": x, "i": step_id, "sigma": new_sigma, "sigma_hat": old_sigma, "denoised": x})
+        if new_sigma != 0:
+            model(x, new_sigma * s_in, **extra_args)
+            _label(model, step_id)
+    return x
+
+
+def ddim(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    """A timestep sampler (the hosts' `sd_samplers_timesteps_impl.ddim`): `timesteps` ascending, walked
+    from the end, one model call per step and the callback at the *end* of the step. As in the hosts,
+    `len(timesteps)` is the requested step count and the loop runs one step fewer. Like the hosts' DDIM it
+    has a local `sigmas` (its eta noise levels, one per timestep) that is not a sigma schedule."""
+    extra_args = extra_args or {}
+    sigmas = torch.zeros(len(timesteps))  # eta = 0
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        _before_step(model, i)
+        e_t = model(x, timesteps[index].item() * s_in, **extra_args)
+        _label(model, i)
+        x = x - 0.01 * e_t + sigmas[index] * x
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": x})
+    return x
+
+
+def plms(model, x, timesteps, extra_args=None, callback=None, disable=None):
+    """The hosts' `plms` structure: the first step calls the model twice (pseudo improved Euler), every
+    later step once; the callback at the end of each step."""
+    extra_args = extra_args or {}
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(timesteps) - 1):
+        index = len(timesteps) - 1 - i
+        _before_step(model, i)
+        e_t = model(x, timesteps[index].item() * s_in, **extra_args)
+        _label(model, i)
+        if i == 0:
+            model(x - 0.01 * e_t, timesteps[max(index - 1, 0)].item() * s_in, **extra_args)
+            _label(model, i)
+        x = x - 0.01 * e_t
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": 0, "sigma_hat": 0, "denoised": x})
+    return x
+
+
+# name: (function, schedule argument, second order as the hosts' sampler options declare it)
+SAMPLERS = {
+    "Euler": (sample_euler, "sigmas", False),
+    "Heun": (sample_heun, "sigmas", True),
+    "Restart": (sample_restart, "sigmas", True),
+    "Stale index": (sample_stale_index, "sigmas", True),
+    "DDIM": (ddim, "timesteps", False),
+    "PLMS": (plms, "timesteps", False),
+}
+
+
+class CFGDenoiser(torch.nn.Module):
+    """The hosts' `sd_samplers_cfg_denoiser.CFGDenoiser` at the points the extension can read: `step`
+    counts its own calls (reset per pass by `initialize`), `steps` / `total_steps` as `launch_sampling`
+    sets them (`total_steps` = expected calls: steps x 2 for second-order samplers), `p`, `sampler`.
+    `forward` fires `on_cfg_denoiser` with `state.sampling_step` as the host has it at that moment, calls
+    the model and records what it saw in `p.trace`."""
+
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler, self.p = sampler, None
+        self.step, self.steps, self.total_steps = 0, None, None
+
+    def forward(self, x, sigma, **extra_args):
+        p, state = self.p, self.sampler.state
+        params = CFGDenoiserParams(x, None, sigma, state.sampling_step, state.sampling_steps, "cond", "uncond", self)
+        for callback in p.host.callbacks["cfg_denoiser"]:
+            callback(params)
+        # A1111 compares its own call counter with the expected calls (`self.step / self.total_steps`).
+        p.host.skip_early_cfg(p, self.step * p.steps / (self.total_steps or p.steps))
+        ctx = p.sd_model.attached[-1] if getattr(p.sd_model, "attached", None) else None
+        out = ATTENTION_MODULE.attention(torch.ones(1), torch.ones(1), torch.ones(1))
+        guided = bool(ctx is not None and ctx.guided_now() and float(out) < 0)
+        p.trace.append({"hires": bool(p.is_hr_pass), "step": None, "call": self.step, "host_step": params.sampling_step,
+                        "patched": ATTENTION_MODULE.attention is not HOST_ATTENTION, "guided": guided,
+                        "alpha": ctx.run.guidance().alpha if guided else None})
+        self.step += 1
+        return x * 0.5
+
+
+class Sampler:
+    """`sd_samplers_common.Sampler` (KDiffusionSampler, CompVisSampler) as far as step bookkeeping goes."""
+
+    def __init__(self, state, name):
+        self.func, self.schedule_name, self.second_order = SAMPLERS[name]
+        self.state = state
+        self.model_wrap_cfg = CFGDenoiser(self)
+
+    def callback_state(self, d):
+        self.state.sampling_step = d["i"]
+
+    def launch_sampling(self, steps, func):
+        self.model_wrap_cfg.steps = steps
+        self.model_wrap_cfg.total_steps = steps * 2 if self.second_order else steps
+        self.state.sampling_steps, self.state.sampling_step = steps, 0
+        try:
+            return func()
+        except InterruptedException:
+            return "latents"  # hosts' samplers return the last latent on interrupt / skip
+
+    def sample(self, p, steps):
+        self.model_wrap_cfg.p, self.model_wrap_cfg.step = p, 0  # `initialize(p)`
+        if self.schedule_name == "sigmas":
+            schedule = torch.linspace(float(steps), 0.0, steps + 1)  # descending, ends at 0 like the hosts'
+        else:
+            schedule = torch.arange(0, 1000, 1000 // steps) + 1
+        x = torch.zeros(1)
+        schedule_arg = {self.schedule_name: schedule}
+        return self.launch_sampling(steps, lambda: self.func(self.model_wrap_cfg, x, extra_args={},
+                                                             callback=self.callback_state, disable=True, **schedule_arg))
+
+
 # -- processing ----------------------------------------------------------------------------------------------
 
 class Processing:
     """`StableDiffusionProcessing` as far as the extension and the host double's sampler need."""
 
     def __init__(self, host: "HostDouble", sd_model=None, batch_size=2, n_iter=1, steps=4, enable_hr=False,
-                 negative_prompt="blurry, text", negative_prompts=None, fail_at_step=None, interrupt_at_step=None):
+                 negative_prompt="blurry, text", negative_prompts=None, fail_at_step=None, interrupt_at_step=None,
+                 sampler_name="Euler"):
         self.host = host
         self.sd_model = sd_model if sd_model is not None else DoubleModel()
         self.batch_size, self.n_iter, self.steps, self.enable_hr = batch_size, n_iter, steps, enable_hr
@@ -248,7 +487,9 @@ class Processing:
         self.comments: dict[str, int] = {}
         self.script_args: list = []
         self.fail_at_step, self.interrupt_at_step = fail_at_step, interrupt_at_step
-        self.trace: list[dict] = []  # one entry per denoiser step: what the model saw
+        self.sampler_name = sampler_name  # a key of SAMPLERS
+        self.sampler = None
+        self.trace: list[dict] = []  # one entry per model call: its sampler step, what the model saw
 
     def comment(self, text):
         self.comments[text] = 1
@@ -266,25 +507,10 @@ class Processing:
         return out
 
     def _pass(self, hires: bool):
+        # The hosts create the pass's sampler, then run `process_before_every_sampling`, then sample.
+        self.sampler = Sampler(self.host.modules["modules.shared"].state, self.sampler_name)
         self.host.run_hook("process_before_every_sampling", self)
-        denoiser = types.SimpleNamespace(p=self)
-        try:
-            for step in range(self.steps):
-                if step == self.interrupt_at_step:
-                    raise InterruptedException()
-                if step == self.fail_at_step:
-                    raise RuntimeError("CUDA out of memory (double)")
-                params = CFGDenoiserParams(None, None, step, self.steps, "cond", "uncond", denoiser)
-                for callback in self.host.callbacks["cfg_denoiser"]:
-                    callback(params)
-                self.host.skip_early_cfg(self, step)
-                ctx = self.sd_model.attached[-1] if getattr(self.sd_model, "attached", None) else None
-                out = ATTENTION_MODULE.attention(torch.ones(1), torch.ones(1), torch.ones(1))
-                self.trace.append({"hires": hires, "step": step, "patched": ATTENTION_MODULE.attention is not HOST_ATTENTION,
-                                   "guided": bool(ctx is not None and ctx.guided_now() and float(out) < 0)})
-        except InterruptedException:
-            pass  # hosts' samplers return the last latent on interrupt / skip
-        return "latents"
+        return self.sampler.sample(self, self.steps)
 
 
 class Img2ImgProcessing(Processing):

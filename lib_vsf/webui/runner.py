@@ -15,7 +15,8 @@ Lifecycle (all hosts):
   image is exactly what the host makes without the extension. Every note goes under the image
   (`p.comment`), into the infotext as `VSF note` (the only place HTTP API users see it) and to the
   console (the `vsf` logger at WARNING, shown on every host).
-- `on_cfg_denoiser(params)` (registered once per process): step index for the step window.
+- `on_cfg_denoiser(params)` (registered once per process): the sampler step of the model call, for
+  the step window and the alpha schedule (`steps.py`).
 - `end_pass()` (the `p.sample` wrapper's `finally`, `postprocess`, and any new `begin_pass`): run the
   pass's undo list in reverse, each step guarded, so one failing undo cannot leave the others undone.
 - `finish(p)` (`postprocess`): end the pass, unwrap `p.sample`, drop the generation from `p`.
@@ -30,7 +31,7 @@ from typing import Any, Sequence
 from ..patching import AttributePatch, PatchError
 from ..settings import VSFSettingsError
 from ..state import GuidanceRun, NegativeText
-from . import hosts, infotext
+from . import hosts, infotext, steps
 from .args import ScriptArgs, parse_script_args
 from .hosts.base import HostAdapter, SamplingContext
 from .xyz import OVERRIDES_ATTR, apply_overrides
@@ -144,8 +145,10 @@ class Generation:
         self.run.set_text(0, None)
 
     def on_step(self, params: Any) -> None:
-        """Step callback: current step for the window, and the step's uncond for adapters."""
-        self.run.set_step(getattr(params, "sampling_step", 0), getattr(params, "total_sampling_steps", 0) or 0)
+        """Step callback: the sampler step of this model call for the window and the alpha schedule
+        (`steps.step_of_call`: the hosts' `sampling_step` lags one step), and the uncond for adapters."""
+        position = steps.step_of_call(params)
+        self.run.set_step(position.step, position.total)
         if self.ctx is not None:
             self.ctx.host_state["text_uncond"] = getattr(params, "text_uncond", None)
 
