@@ -148,6 +148,22 @@ def test_ip_adapter_attn2_is_paper_eq9_on_text_plus_the_adapters_image_attention
     assert run.calls == 1
 
 
+def test_ip_adapter_masks_are_refused_clearly():
+    from lib_vsf.diffusers import GuidanceInputError
+    from lib_vsf.diffusers.unet import UNetCrossVSFProcessor
+
+    pipe = sd15_pipeline()
+    load_tiny_ip_adapter(pipe)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    attn, ip = pipe.unet.get_submodule(name), pipe.unet.attn_processors[name + ".processor"]
+    run = GuidanceRun(VSFSettings())
+    run.set_step(0, 2)
+    run.set_text(77, NegativeText.from_sequences([torch.zeros(3, 32)]))
+    context = (torch.randn(1, 80, 32), [torch.randn(1, 1, 4, 32)])
+    with pytest.raises(GuidanceInputError, match="IP-Adapter masks"):
+        UNetCrossVSFProcessor(ip, run)(attn, torch.randn(1, 64, 16), context, ip_adapter_masks=[torch.ones(1, 1, 8, 8)])
+
+
 def test_ip_adapter_pipeline_with_vsf():
     """Empty negative: the plain IP-Adapter image. Guided: differs; the IP scale still acts; with IP scale 0
     the guided image equals the guided image of the same UNet without an adapter; processors restored."""

@@ -77,6 +77,7 @@ class FamilyAdapter:
     cfg_kwarg: str | None = "guidance_scale"
 
     def for_pipeline(self, pipe) -> "FamilyAdapter":
+        """This adapter adjusted to `pipe` (a fresh adapter is made for every VSFGuidance)."""
         return self
 
     def text_encoding(self, pipe) -> dict[str, Any]:

@@ -60,7 +60,6 @@ class UNetCrossVSFProcessor(GuidedProcessor):
             out = out + residual
         return out / attn.rescale_output_factor
 
-
     def _check_image_prompt(self, kwargs) -> None:
         adapter = self.original
         if not all(hasattr(adapter, a) for a in ("to_k_ip", "to_v_ip", "scale")):
