@@ -165,3 +165,19 @@ def test_pndm_plms_first_step_has_two_calls(sd15):
     steps = [0, 0, 1, 2, 3]  # PLMS: the first step's second evaluation, then one call per step
     assert len(log.calls) == STEPS + 1
     assert log.guided(77) == expected_guided(steps, STEPS, 0.4, 1.0)
+
+
+def test_scheduler_without_step_index_counts_calls_of_this_pipeline_call(sd15):
+    """DDIM keeps no step index: one call per step, counted from 0 again in every pipeline call."""
+    original = sd15.scheduler
+    sd15.scheduler = _with_scheduler(sd15, "DDIMScheduler").scheduler
+    try:
+        assert not hasattr(type(sd15.scheduler), "step_index")
+        with VSFGuidance(sd15, NEGATIVE, from_preset("VSF Strong", start=0.5, end=1.0)) as vsf:
+            log = CallLog(sd15, sd15.unet)
+            for _ in range(2):  # the second call must not continue the first one's count
+                vsf(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt", **SD15_ARGS)
+            log.handle.remove()
+        assert log.guided(77) == 2 * expected_guided(range(STEPS), STEPS, 0.5, 1.0)
+    finally:
+        sd15.scheduler = original
