@@ -10,8 +10,10 @@ IP-Adapter: diffusers hands `attn2` a `(text, image_tokens)` pair. The text part
 image-prompt tokens keep the adapter's own attention, added with the adapter's scale, as its
 processor does (its scale is read at every call; set it with `pipe.set_ip_adapter_scale` before
 entering VSFGuidance: inside the context diffusers finds our processors, not the adapter's, and
-changes nothing). IP-Adapter masks are refused. LCM-distilled UNets (`time_cond_proj_dim`) embed `guidance_scale` as a condition
-(w-embedding) and run no CFG batch: their `guidance_scale` is left as the caller gave it.
+changes nothing). IP-Adapter masks are refused.
+
+LCM-distilled UNets (`time_cond_proj_dim`) embed `guidance_scale` as a condition (w-embedding) and
+run no CFG batch: their `guidance_scale` is left as the caller gave it.
 """
 from __future__ import annotations
 
