@@ -167,6 +167,21 @@ def test_pndm_plms_first_step_has_two_calls(sd15):
     assert log.guided(77) == expected_guided(steps, STEPS, 0.4, 1.0)
 
 
+def test_pndm_runge_kutta_steps_have_four_calls(sd15):
+    """PNDM without skip_prk_steps: 3 Runge-Kutta steps of 4 calls each, then one call per step."""
+    from diffusers import PNDMScheduler
+
+    original = sd15.scheduler
+    sd15.scheduler = PNDMScheduler(skip_prk_steps=False)
+    try:
+        log = run_logged(sd15, "unet", from_preset("VSF Strong", start=0.3, end=0.6), 77, SD15_ARGS)
+    finally:
+        sd15.scheduler = original
+    steps = [0] * 4 + [1] * 4 + [2] * 4 + [3]
+    assert len(log.calls) == len(steps)
+    assert log.guided(77) == expected_guided(steps, STEPS, 0.3, 0.6)
+
+
 def test_scheduler_without_step_index_counts_calls_of_this_pipeline_call(sd15):
     """DDIM keeps no step index: one call per step, counted from 0 again in every pipeline call."""
     original = sd15.scheduler

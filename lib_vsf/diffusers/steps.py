@@ -14,8 +14,10 @@ step, so a pass of N steps has 2N - 1 calls. What is exact at call time:
 - `pipe._num_timesteps`: how many entries this pass iterates (set before the loop).
 
 Schedulers without `step_index` (DDIM, DDPM) are first order: the loop entry is the number of
-denoiser calls made so far in this pipeline call. PNDM in PLMS mode (`skip_prk_steps`, Stable
-Diffusion's usual setting) evaluates its first step twice; its `counter` says which call this is.
+denoiser calls made so far in this pipeline call. PNDM keeps a `counter` of its `step()` calls: in
+PLMS mode (`skip_prk_steps`, Stable Diffusion's usual setting) it evaluates its first step twice;
+otherwise its first `len(prk_timesteps)` calls are Runge-Kutta steps of 4 calls each, then one call
+per step.
 """
 from __future__ import annotations
 
@@ -26,10 +28,19 @@ def _length(timesteps) -> int:
     return 0 if timesteps is None else len(timesteps)
 
 
-def _pndm_plms(scheduler) -> bool:
-    return (hasattr(scheduler, "counter") and hasattr(scheduler, "ets")
-            and _length(getattr(scheduler, "prk_timesteps", None)) == 0
-            and bool(getattr(getattr(scheduler, "config", None), "skip_prk_steps", False)))
+def _is_pndm(scheduler) -> bool:
+    return all(hasattr(scheduler, a) for a in ("counter", "ets", "prk_timesteps", "plms_timesteps"))
+
+
+def _pndm_step(scheduler, entries: int) -> tuple[int, int]:
+    calls = int(scheduler.counter)  # step() calls so far in this pass
+    prk = _length(scheduler.prk_timesteps)
+    if prk == 0:  # PLMS: calls 0 and 1 are step 0, call k >= 1 is step k - 1
+        total = max(entries - 1, 1)
+        return min(max(calls - 1, 0), total - 1), total
+    total = max(math.ceil(min(entries, prk) / 4) + max(entries - prk, 0), 1)
+    step = calls // 4 if calls < prk else prk // 4 + (calls - prk)
+    return min(step, total - 1), total
 
 
 def pass_entries(pipe) -> int:
@@ -60,10 +71,8 @@ def sampler_step(pipe, calls_so_far: int) -> tuple[int, int]:
     keep no step index)."""
     scheduler = pipe.scheduler
     entries = pass_entries(pipe)
-    if _pndm_plms(scheduler):
-        # PLMS: entries [t0, t1, t1, t2, ...]: calls 0 and 1 are step 0, call k >= 1 is step k - 1
-        total = max(entries - 1, 1)
-        return min(max(int(scheduler.counter) - 1, 0), total - 1), total
+    if _is_pndm(scheduler):
+        return _pndm_step(scheduler, entries)
     order = max(int(getattr(scheduler, "order", 1) or 1), 1)
     total = max(math.ceil(entries / order), 1)
     step = entry_index(scheduler, entries, calls_so_far) // order
