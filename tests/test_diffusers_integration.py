@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lib_vsf import VSFSettings, from_preset
-from lib_vsf.diffusers import GuidanceInputError, UnsupportedPipelineError, VSFGuidance
+from lib_vsf.diffusers import GuidanceConflictError, GuidanceInputError, UnsupportedPipelineError, VSFGuidance
 from lib_vsf.diffusers.text import unpadded_ids
 from tiny_pipelines import BUILDERS, call_args, clip_text_model, clip_tokenizer, t5_encoder, t5_tokenizer
 
@@ -177,14 +177,113 @@ def test_restored_when_entering_fails(pipes, monkeypatch):
     assert same_processors(before, processors(pipe))
 
 
-def test_cfg_batch_inside_the_context_is_refused_clearly(pipes):
+def test_negatives_that_do_not_fit_the_batch_are_refused_clearly(pipes):
     pipe = pipes("sd3")
     before = processors(pipe)
-    neg = ["blurry", "text", "dark"]  # 3 negatives cannot fit the CFG batch of 2 x 1
-    with VSFGuidance(pipe, neg):
+    neg = ["blurry", "text", "dark"]  # 3 negatives cannot fit a batch of 2 prompts
+    with VSFGuidance(pipe, neg) as vsf:
         with pytest.raises(GuidanceInputError, match="negative prompts do not fit"):
-            pipe(prompt=PROMPT, guidance_scale=5.0, output_type="pt", **call_args("sd3"))
+            vsf(prompt=[PROMPT, "a red car"], output_type="pt", **call_args("sd3"))
     assert same_processors(before, processors(pipe))
+
+
+# -- one denoiser, one guidance: nested contexts, shared modules, exit order --------------------------------
+def test_direct_call_inside_the_context_is_refused_and_the_next_call_is_plain(pipes):
+    """A direct pipeline call would be guided on steps nobody bookkeeps: refused, context intact."""
+    pipe = pipes("sd15")
+    unguided = plain(pipe, "sd15")
+    with VSFGuidance(pipe, NEGATIVE) as vsf:
+        with pytest.raises(GuidanceConflictError, match="run the pipeline through it"):
+            pipe(prompt=PROMPT, guidance_scale=5.0, output_type="pt", **call_args("sd15"))
+        out = output(vsf(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
+                         **call_args("sd15")))
+    alone, _ = guided(pipe, "sd15", settings=from_preset("VSF Quality"))
+    assert torch.equal(out, alone), "the refused call changed the guided one after it"
+    assert torch.equal(plain(pipe, "sd15"), unguided)
+
+
+def test_nested_context_over_the_same_denoiser_is_refused_at_entry(pipes):
+    """Nested, the outer negative would reach the inner run as positive text: refuse at entry."""
+    pipe = pipes("sd15")
+    unguided = plain(pipe, "sd15")
+    before = processors(pipe)
+    with VSFGuidance(pipe, NEGATIVE) as outer:
+        ours = processors(pipe)
+        with pytest.raises(GuidanceConflictError, match="already guided"):
+            with VSFGuidance(pipe, "dark"):
+                pass
+        with pytest.raises(GuidanceConflictError, match="already guided"):
+            outer.__enter__()  # the same object twice
+        assert same_processors(ours, processors(pipe)), "the refused entry changed the outer context"
+        out = output(outer(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
+                           **call_args("sd15")))
+    alone, _ = guided(pipe, "sd15", settings=from_preset("VSF Quality"))
+    assert torch.equal(out, alone)
+    assert same_processors(before, processors(pipe)) and not pipe.unet._forward_pre_hooks
+    assert torch.equal(plain(pipe, "sd15"), unguided)
+
+
+def test_second_pipeline_sharing_the_unet_is_refused_while_guided(pipes):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = pipes("sd15")
+    other = StableDiffusionImg2ImgPipeline(**pipe.components)  # same unet, text encoder, scheduler
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+    def img2img():
+        return output(other(prompt=PROMPT, image=image, strength=0.6, num_inference_steps=3, guidance_scale=1.0,
+                            generator=torch.Generator().manual_seed(0), output_type="pt"))
+
+    plain_other = img2img()
+    with VSFGuidance(pipe, NEGATIVE):
+        with pytest.raises(GuidanceConflictError, match="already guided"):
+            VSFGuidance(other, "dark").__enter__()
+        with pytest.raises(GuidanceConflictError, match="another pipeline that shares the model"):
+            img2img()
+    assert torch.equal(img2img(), plain_other)
+
+
+def test_shared_unet_entered_twice_and_exited_out_of_order_restores(pipes):
+    """The sequence that left processors installed: A enters, B (same UNet) enters, A exits, B exits."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    pipe = pipes("sd15")
+    other = StableDiffusionImg2ImgPipeline(**pipe.components)
+    unguided, before = plain(pipe, "sd15"), processors(pipe)
+    first, second = VSFGuidance(pipe, NEGATIVE), VSFGuidance(other, "dark")
+    first.__enter__()
+    try:
+        second.__enter__()
+    except GuidanceConflictError:
+        pass
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert same_processors(before, processors(pipe)) and not pipe.unet._forward_pre_hooks
+    assert torch.equal(plain(pipe, "sd15"), unguided)
+
+
+def test_contexts_exited_out_of_order_both_restore(pipes):
+    """Two live contexts on two pipelines (own UNets, shared text encoder and VAE), exited first-in first-out."""
+    from diffusers import StableDiffusionPipeline
+    from tiny_pipelines import _unet
+
+    pipe = pipes("sd15")
+    other = StableDiffusionPipeline(**{**pipe.components, "unet": _unet(32, seed=9)})
+    plain_a, plain_b = plain(pipe, "sd15"), plain(other, "sd15")
+    before_a, before_b = processors(pipe), processors(other)
+    first, second = VSFGuidance(pipe, NEGATIVE), VSFGuidance(other, "dark")
+    first.__enter__()
+    second.__enter__()
+    out_b = output(second(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
+                          **call_args("sd15")))
+    first.__exit__(None, None, None)
+    assert same_processors(before_a, processors(pipe)) and torch.equal(plain(pipe, "sd15"), plain_a)
+    out_b_again = output(second(prompt=PROMPT, generator=torch.Generator().manual_seed(0), output_type="pt",
+                                **call_args("sd15")))
+    second.__exit__(None, None, None)
+    assert torch.equal(out_b, out_b_again) and not torch.equal(out_b, plain_b)
+    assert same_processors(before_b, processors(other)) and torch.equal(plain(other, "sd15"), plain_b)
+    assert not pipe.unet._forward_pre_hooks and not other.unet._forward_pre_hooks
 
 
 def test_unsupported_pipeline_names_supported_ones():

@@ -81,8 +81,8 @@ def test_sd3_transformer_matches_the_paper_dense_mask_formulation():
         from lib_vsf.state import NegativeText
 
         guidance.negative = NegativeText.from_sequences([negative[0]])
-        pipe._num_timesteps = 1
-        got = forward(prompt)
+        with guidance.direct_calls(step=0, total=1):
+            got = forward(prompt)
         assert guidance.run.calls == 2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert not torch.equal(got, forward(prompt)), "guidance had no effect"

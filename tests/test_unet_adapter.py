@@ -187,10 +187,30 @@ def test_a1111_wrapper_passes_through_what_it_does_not_guide():
             assert torch.equal(attn(x, context=context, additional_tokens=torch.zeros(1, 1, 16)), plain)
             assert torch.equal(attn(x, context=positive), CrossAttention.forward.__vsf_original__(attn, x, context=positive))
         assert run.calls == 0
+
+
+def test_a1111_wrapper_with_an_empty_negative_runs_the_hosts_own_forward():
+    """Empty negative: the call must reach the host's forward unchanged (VSF-SPEC: an empty negative is
+    exactly the unguided pass), not our guided computation over a zero-length negative."""
+    class CountingCrossAttention(CrossAttention):
+        host_calls = 0
+
+        def forward(self, x, context=None, mask=None, **kwargs):
+            CountingCrossAttention.host_calls += 1
+            return super().forward(x, context=context, mask=mask, **kwargs)
+
+    torch.manual_seed(1)
+    attn = CountingCrossAttention()
+    x, positive = torch.randn(1, 6, 16), torch.randn(1, 77, 12)
+    with torch.no_grad():
+        unpatched = attn(x, context=positive)  # before any patch
         empty = _run(77, NegativeText.from_sequences([torch.zeros(0, 12)]))
-        with patch_a1111([CrossAttention], empty):
-            assert torch.equal(attn(x, context=positive), CrossAttention.forward(attn, x, context=positive))
-        assert empty.calls == 0
+        with patch_a1111([CountingCrossAttention], empty):
+            CountingCrossAttention.host_calls = 0
+            patched = attn(x, context=positive)
+            assert CountingCrossAttention.host_calls == 1, "the host's forward was bypassed"
+    assert torch.equal(patched, unpatched)
+    assert empty.calls == 0
 
 
 def test_a1111_wrapper_alpha_zero_beta_inf_equals_positive_only():

@@ -97,15 +97,16 @@ def sd3_pipeline(seed: int = 0, with_t5: bool = True, dual_attention: bool = Fal
     )
 
 
-def flux_pipeline(seed: int = 0):
-    """Flux pipeline: 1 double + 1 single block, T5 + CLIP, 16x16 images."""
+def flux_pipeline(seed: int = 0, guidance_embeds: bool = False):
+    """Flux pipeline: 1 double + 1 single block, T5 + CLIP, 16x16 images (`guidance_embeds`: Flux dev's
+    distilled guidance embedding)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        guidance_embeds=False,
+        guidance_embeds=guidance_embeds,
     ).eval()
     return FluxPipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -139,13 +140,13 @@ def wan_pipeline(seed: int = 0, two_experts: bool = False):
     )
 
 
-def _unet(cross_dim: int, seed: int, sdxl: bool = False):
+def _unet(cross_dim: int, seed: int, sdxl: bool = False, time_cond_proj_dim: int | None = None):
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    extra = {}
+    extra = {"time_cond_proj_dim": time_cond_proj_dim}
     if sdxl:
-        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+        extra.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                      projection_class_embeddings_input_dim=6 * 8 + 32)
     return UNet2DConditionModel(
         block_out_channels=(16, 32), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
@@ -174,6 +175,41 @@ def sdxl_pipeline(seed: int = 0):
         text_encoder=clip_text_model(32, seed=seed + 1), tokenizer=clip_tokenizer(),
         text_encoder_2=clip_text_model(32, projection=32, seed=seed + 2), tokenizer_2=clip_tokenizer(),
     )
+
+
+def lcm_pipeline(seed: int = 0, pipeline: str = "LatentConsistencyModelPipeline"):
+    """LCM-distilled SD1.5-style pipeline: the UNet embeds guidance_scale (`time_cond_proj_dim`, the
+    w-embedding) and the LCMScheduler runs one pass per step. `pipeline`: LatentConsistencyModelPipeline
+    or StableDiffusionPipeline (both feed the w-embedding and skip CFG for such a UNet)."""
+    import diffusers
+
+    parts = dict(unet=_unet(32, seed, time_cond_proj_dim=8), scheduler=diffusers.LCMScheduler(), vae=_vae(4, seed),
+                 text_encoder=clip_text_model(32, seed=seed + 1), tokenizer=clip_tokenizer(),
+                 safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return getattr(diffusers, pipeline)(**parts)
+
+
+def load_tiny_ip_adapter(pipe, image_embed_dim: int = 16, seed: int = 0) -> None:
+    """Load a random-weight IP-Adapter (4 image-prompt tokens) into `pipe.unet` through diffusers' own
+    loader (`_load_ip_adapter_weights`, the state-dict layout of the published IP-Adapter files).
+    Call the pipeline with `ip_adapter_image_embeds=[torch.randn(1, 1, image_embed_dim)]`."""
+    unet = pipe.unet
+    cross = unet.config.cross_attention_dim
+    gen = torch.Generator().manual_seed(seed)
+
+    def weight(*shape):
+        return torch.randn(*shape, generator=gen) * 0.5
+
+    image_proj = {"proj.weight": weight(4 * cross, image_embed_dim), "proj.bias": weight(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    layers, key = {}, 1
+    for name in unet.attn_processors:  # the loader numbers the attn2 layers 1, 3, 5, ... in this order
+        if name.endswith("attn2.processor"):
+            hidden = unet.get_submodule(name[: -len(".processor")]).to_k.out_features
+            layers[f"{key}.to_k_ip.weight"] = weight(hidden, cross)
+            layers[f"{key}.to_v_ip.weight"] = weight(hidden, cross)
+            key += 2
+    unet._load_ip_adapter_weights([{"image_proj": image_proj, "ip_adapter": layers}], low_cpu_mem_usage=False)
 
 
 BUILDERS = {

@@ -6,5 +6,5 @@
     with VSFGuidance(pipe, "blurry, watermark", from_preset("VSF Quality")) as vsf:
         image = vsf(prompt="a cat", num_inference_steps=8).images[0]
 """
-from .family import GuidanceInputError, UnsupportedPipelineError  # noqa: F401
+from .family import GuidanceConflictError, GuidanceInputError, UnsupportedPipelineError  # noqa: F401
 from .guidance import FAMILIES, VSFGuidance, family_for, generate, supported_pipelines  # noqa: F401

@@ -5,11 +5,14 @@ One adapter per family (sd3.py, flux.py, wan.py, unet.py), each the same shape:
 - `matches(pipe)`: is this pipeline of the family?
 - `denoisers(pipe)`: the models whose attention gets processors (Wan 2.2 has two).
 - `processor_for(name, original, run)`: our processor for one attention module, or None to leave it.
-- `encode_negative(pipe, prompt, settings)`: `[n, E]` unpadded negative embeddings in the model's
-  text-stream space (before the model's own context projection).
+- `encode_negative(pipe, prompt, settings, **encoding)`: `[n, E]` unpadded negative embeddings in the
+  model's text-stream space (before the model's own context projection); `encoding` is what
+  `text_encoding(pipe)` reports for the running pipeline call (e.g. the UNets' `clip_skip`).
+- `for_pipeline(pipe)`: the adapter adjusted to this pipeline (e.g. which kwarg is CFG).
 - `extend_inputs(kwargs, negative)`: the denoiser's forward kwargs with the negative tokens added to
   the text stream (and any position ids that must grow with it).
-- `single_pass_kwargs(kwargs)`: pipeline kwargs that make the run one conditional pass.
+- `single_pass_kwargs(kwargs)`: pipeline kwargs that make the run one conditional pass; guidance
+  embeddings that are not CFG (Flux's distilled guidance, LCM's w-embedding) keep the caller's value.
 """
 from __future__ import annotations
 
@@ -26,6 +29,11 @@ class UnsupportedPipelineError(TypeError):
 
 class GuidanceInputError(ValueError):
     """The inputs do not fit guidance (batch/negative mismatch, unexpected text length...)."""
+
+
+class GuidanceConflictError(RuntimeError):
+    """Another VSFGuidance guides this denoiser, or the denoiser is called outside the guidance that
+    owns it: refused before anything is computed on the wrong steps or text."""
 
 
 class GuidedProcessor:
@@ -67,6 +75,14 @@ class FamilyAdapter:
     negative_first = False
     # pipeline kwarg that turns CFG off when set to 1 (None: the pipeline has no CFG to turn off)
     cfg_kwarg: str | None = "guidance_scale"
+
+    def for_pipeline(self, pipe) -> "FamilyAdapter":
+        """This adapter adjusted to `pipe` (a fresh adapter is made for every VSFGuidance)."""
+        return self
+
+    def text_encoding(self, pipe) -> dict[str, Any]:
+        """Text-encoder settings of the running pipeline call that the negative must follow."""
+        return {}
 
     def matches(self, pipe) -> bool:
         name = type(pipe).__name__

@@ -6,21 +6,29 @@
 On entry it encodes the negative prompt(s) without padding, installs our attention processors on the
 family's denoiser(s) and a forward pre-hook that appends the negative tokens to the text stream on the
 steps inside the [start, end) window. Calling the object runs the pipeline as one conditional pass
-(CFG off). On exit, and when anything raises, the original processors are put back as they were and
-the hook is removed.
+(CFG off; guidance embeddings that are not CFG keep the caller's value). On exit, and when anything
+raises, the original processors are put back as they were and the hook is removed.
+
+One denoiser is guided by one context at a time: entering a second `VSFGuidance` over a denoiser that
+another one guides (nested contexts, or two pipeline objects sharing modules) is refused, and while a
+context is active its denoisers run only through it (a direct pipeline call, or another pipeline
+sharing the denoiser, is refused at its first denoiser call): the step bookkeeping is read from this
+pipeline's scheduler, so any other caller would be guided on someone else's steps.
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import torch
 
 from ..settings import VSFSettings, family_default
 from ..state import GuidanceRun, NegativeText
-from .family import FamilyAdapter, GuidanceInputError, UnsupportedPipelineError
+from .family import FamilyAdapter, GuidanceConflictError, GuidanceInputError, GuidedProcessor, UnsupportedPipelineError
 from .flux import FluxFamily
 from .sd3 import SD3Family
+from .steps import sampler_step
 from .unet import UNetFamily
 from .wan import WanFamily
 
@@ -36,7 +44,7 @@ def family_for(pipe) -> FamilyAdapter:
     for family in FAMILIES:
         adapter = family()
         if adapter.matches(pipe):
-            return adapter
+            return adapter.for_pipeline(pipe)
     raise UnsupportedPipelineError(
         f"VSF does not support {type(pipe).__name__}. Supported pipelines: {supported_pipelines()}"
     )
@@ -63,15 +71,16 @@ class VSFGuidance:
         self.negative: NegativeText | None = None
         self._originals: list[tuple[torch.nn.Module, dict[str, Any]]] = []
         self._hooks: list[Any] = []
-        self._calls = 0
+        self._calls = 0  # denoiser calls made in the running pipeline call
+        self._running = False  # inside self.__call__
+        self._direct_step: tuple[int, int] | None = None  # inside self.direct_calls(step, total)
+        self._encodings: dict[tuple, NegativeText] = {}  # text-encoder settings -> negative embeddings
 
     # -- install / restore --------------------------------------------------------------------------
     def __enter__(self) -> "VSFGuidance":
+        self._refuse_guided_denoisers()
         try:
-            with torch.no_grad():
-                self.negative = NegativeText.from_sequences(
-                    [self.adapter.encode_negative(self.pipe, p, self.settings) for p in self.negative_prompts]
-                ).trimmed()
+            self.negative = self._negative_for({})
             for _, model in self.adapter.denoisers(self.pipe):
                 originals = dict(model.attn_processors)
                 ours = {name: self.adapter.processor_for(name, proc, self.run) or proc
@@ -84,6 +93,26 @@ class VSFGuidance:
             raise
         self._calls = 0
         return self
+
+    def _refuse_guided_denoisers(self) -> None:
+        """Refuse, before changing anything, a denoiser that a live VSFGuidance already guides."""
+        for name, model in self.adapter.denoisers(self.pipe):
+            if any(isinstance(p, GuidedProcessor) for p in model.attn_processors.values()):
+                raise GuidanceConflictError(
+                    f"the pipeline's {name} is already guided by another active VSFGuidance (a nested context, "
+                    "or another pipeline object sharing this model); exit that one first"
+                )
+
+    def _negative_for(self, encoding: dict[str, Any]) -> NegativeText:
+        """The negative prompts encoded with the text-encoder settings `encoding` (cached)."""
+        key = tuple(sorted(encoding.items()))
+        if key not in self._encodings:
+            with torch.no_grad():
+                self._encodings[key] = NegativeText.from_sequences(
+                    [self.adapter.encode_negative(self.pipe, p, self.settings, **encoding)
+                     for p in self.negative_prompts]
+                ).trimmed()
+        return self._encodings[key]
 
     def __exit__(self, *exc) -> bool:
         self.restore()
@@ -102,42 +131,56 @@ class VSFGuidance:
         """Run the pipeline as one conditional pass with guidance; returns the pipeline's output."""
         if not self._originals:
             raise RuntimeError("VSFGuidance must be entered (`with VSFGuidance(...) as vsf:`) before calling it")
-        self._calls = 0
+        if self._running:
+            raise GuidanceConflictError("VSFGuidance is already running this pipeline (re-entrant call)")
         cfg_kwarg = self.adapter.cfg_kwarg
         if cfg_kwarg and float(kwargs.get(cfg_kwarg) or 1.0) > 1.0:
             warnings.warn(f"VSF replaces CFG: {cfg_kwarg}={kwargs[cfg_kwarg]} is set to 1 for this call", stacklevel=2)
         kwargs = self.adapter.single_pass_kwargs(kwargs)
+        self._calls, self._running = 0, True
         try:
             return self.pipe(*args, **kwargs)
         finally:
-            self._calls = 0
+            self._calls, self._running = 0, False
 
-    def _total_steps(self) -> int:
-        total = getattr(self.pipe, "_num_timesteps", None)
-        if not total:
-            total = len(getattr(self.pipe.scheduler, "timesteps", []) or [])
-        return int(total or 1)
+    @contextmanager
+    def direct_calls(self, step: int, total: int):
+        """Guide denoiser calls made directly by the caller (`pipe.transformer(...)`, no pipeline loop)
+        as sampler step `step` of `total`."""
+        if self._running:
+            raise GuidanceConflictError("direct denoiser calls cannot be marked while the pipeline runs")
+        self._direct_step = (int(step), int(total))
+        try:
+            yield self
+        finally:
+            self._direct_step = None
 
     def _before_forward(self, module, args, kwargs):
-        """Forward pre-hook of a denoiser: one call is one step (single pass)."""
+        """Forward pre-hook of a denoiser: the step of this call from the scheduler, then the negative."""
+        if self._running:
+            step, total = sampler_step(self.pipe, self._calls)
+            encoding = self.adapter.text_encoding(self.pipe)
+        elif self._direct_step is not None:
+            (step, total), encoding = self._direct_step, {}
+        else:
+            raise GuidanceConflictError(
+                f"{type(module).__name__} is guided by an active VSFGuidance: run the pipeline through it "
+                "(`vsf(...)`), or exit the context before calling this or another pipeline that shares the model"
+            )
         if "encoder_hidden_states" not in kwargs:
             raise GuidanceInputError("VSF needs the denoiser called with encoder_hidden_states=... (keyword)")
-        total = self._total_steps()
-        if self._calls >= total:  # a new pipeline call made directly on the pipe
-            self._calls = 0
-        step = self._calls
         self._calls += 1
         self.run.set_step(step, total)
         text = kwargs["encoder_hidden_states"]
         batch, positive_len = text.shape[0], self.adapter.positive_length(kwargs)
-        negative = self.negative
+        negative = self.negative if not encoding else self._negative_for(encoding)
         if negative.is_empty or not self.settings.is_active(step, total):
             self.run.set_text(positive_len, None)
             return args, kwargs
         if batch % negative.embeds.shape[0]:
             raise GuidanceInputError(
-                f"{negative.embeds.shape[0]} negative prompts do not fit a batch of {batch}; "
-                "VSF runs one conditional pass: call it through VSFGuidance(...)(...) so CFG is off"
+                f"{negative.embeds.shape[0]} negative prompts do not fit a batch of {batch} images "
+                "(give one negative, or one per prompt)"
             )
         negative = negative.for_batch(batch).to(device=text.device, dtype=text.dtype)
         self.run.set_text(positive_len, negative, self.adapter.negative_first)

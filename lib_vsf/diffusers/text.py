@@ -35,13 +35,17 @@ def clip_hidden_states(tokenizer, text_encoder, prompt: str, layer: int = -2,
     """Unpadded CLIP hidden states `[n, hidden]` of `prompt` (BOS + tokens + EOS).
 
     `layer=-2` is the penultimate layer (SD3, SDXL); `layer=-1` with `final_layer_norm` is SD1.5's
-    `last_hidden_state`."""
+    `last_hidden_state`; an earlier layer with `final_layer_norm` is SD1.5's clip skip (the pipeline
+    passes the skipped layer through the final layer norm)."""
     if is_blank(prompt):
         return torch.zeros(0, text_encoder.config.hidden_size, dtype=text_encoder.dtype)
     ids = unpadded_ids(tokenizer, prompt).to(_device_of(text_encoder))
     out = text_encoder(ids, output_hidden_states=True)
     if layer == -1 and final_layer_norm:
         return out.last_hidden_state[0]
+    if final_layer_norm:  # transformers < 5 nests the layers under `.text_model`
+        norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
+        return norm(out.hidden_states[layer])[0]
     return out.hidden_states[layer][0]
 
 
