@@ -160,6 +160,9 @@ def _register_family_defaults():
     FAMILY_DEFAULTS["flux"] = VSFSettings("vsf", alpha=6.0, beta=0.2, flux_lambda=8.0)
     FAMILY_DEFAULTS["wan"] = VSFSettings("vsf", alpha=1.7, beta=0.2)
     FAMILY_DEFAULTS["unet"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
+    # Families the paper did not tune: untuned starting points (VSF Quality's numbers).
+    FAMILY_DEFAULTS["zimage"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
+    FAMILY_DEFAULTS["flux2"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
 
 
 def preset_names() -> list[str]:
@@ -178,7 +181,7 @@ def from_preset(name: str, **overrides) -> VSFSettings:
 
 
 def family_default(family: str) -> VSFSettings:
-    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`)."""
+    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`, `zimage`, `flux2`)."""
     try:
         return FAMILY_DEFAULTS[family]
     except KeyError:

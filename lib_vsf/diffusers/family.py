@@ -10,6 +10,9 @@ One adapter per family (sd3.py, flux.py, wan.py, unet.py), each the same shape:
 - `extend_inputs(kwargs, negative)`: the denoiser's forward kwargs with the negative tokens added to
   the text stream (and any position ids that must grow with it).
 - `single_pass_kwargs(kwargs)`: pipeline kwargs that make the run one conditional pass.
+- `register_step_hook(model, hook)`: attach `VSFGuidance`'s per-call hook to a denoiser; returns a
+  handle whose `remove()` undoes everything the adapter attached (families whose denoiser is not
+  called with `encoder_hidden_states=` override it).
 """
 from __future__ import annotations
 
@@ -89,6 +92,9 @@ class FamilyAdapter:
         kwargs = dict(kwargs)
         kwargs["encoder_hidden_states"] = append_text(kwargs["encoder_hidden_states"], negative, self.negative_first)
         return kwargs
+
+    def register_step_hook(self, model: torch.nn.Module, hook):
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
 
     def positive_length(self, kwargs: dict[str, Any]) -> int:
         return kwargs["encoder_hidden_states"].shape[1]

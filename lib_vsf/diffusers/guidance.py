@@ -20,11 +20,14 @@ from ..settings import VSFSettings, family_default
 from ..state import GuidanceRun, NegativeText
 from .family import FamilyAdapter, GuidanceInputError, UnsupportedPipelineError
 from .flux import FluxFamily
+from .flux2 import Flux2KleinFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 from .wan import WanFamily
+from .zimage import ZImageFamily
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, WanFamily, UNetFamily)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, WanFamily, UNetFamily, ZImageFamily,
+                                                Flux2KleinFamily)
 
 
 def supported_pipelines() -> str:
@@ -78,7 +81,7 @@ class VSFGuidance:
                         for name, proc in originals.items()}
                 self._originals.append((model, originals))
                 model.set_attn_processor(ours)
-                self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+                self._hooks.append(self.adapter.register_step_hook(model, self._before_forward))
         except BaseException:
             self.restore()
             raise
