@@ -4,8 +4,8 @@ in double-stream and single-stream (parallel) blocks.
 As for Flux.1 the negative tokens go before the positive ones in the text stream, `[N0, P, I]`, so image
 and positive tokens stay one contiguous span for the fast path; single-stream blocks take the same mask
 table. The negative is the pipeline's own `encode_prompt` of it (Qwen3 chat template, three stacked hidden
-layers) with the padding to `max_sequence_length` stripped: the pipeline gives the transformer no text
-mask, so padding left in would be attended, and flipped. Flux.2 text ids are `(0, 0, 0, l)` with `l` the
+layers) at exactly its own token count, so it carries none of the padding to `max_sequence_length` that
+the positive gets: the pipeline gives the transformer no text mask, so padding would be attended, and flipped. Flux.2 text ids are `(0, 0, 0, l)` with `l` the
 token index and the image sits at `l = 0` whatever the text: the negative's ids are simply those of its
 own tokens in a negative pass, `l = 0..n-1` (they coincide with P's, which N0 never attends to).
 Klein's `guidance_scale` is CFG (a second pass) and is set to 1; the transformer's distilled guidance
@@ -132,20 +132,18 @@ class Flux2KleinFamily(FamilyAdapter):
         if is_blank(prompt):
             return torch.zeros(0, dim)
         tokenizer = pipe.tokenizer
-        length = getattr(pipe, "tokenizer_max_length", 512) or 512
-        embeds, _ = pipe.encode_prompt(prompt=str(prompt), device=pipe._execution_device,
-                                       max_sequence_length=length)
-        # Which of those rows are padding: the same tokenization as the pipeline's encode_prompt.
+        if getattr(tokenizer, "padding_side", "right") != "right":
+            # A negative pass would then put the negative's tokens at the end of the text ids.
+            raise GuidanceInputError("VSF needs the Flux.2 tokenizer to pad on the right (padding_side='right'), "
+                                     f"got {tokenizer.padding_side!r}")
+        # The token count of the prompt as the pipeline tokenizes it (same chat template), truncated as it
+        # truncates; encoding at exactly that length leaves no padding to strip.
         text = tokenizer.apply_chat_template([{"role": "user", "content": str(prompt)}], tokenize=False,
                                              add_generation_prompt=True, enable_thinking=False)
-        mask = tokenizer(text, return_tensors="pt", padding="max_length", truncation=True,
-                         max_length=length).attention_mask[0].bool()
-        real = int(mask.sum())
-        if mask.shape[0] != embeds.shape[1] or not bool(mask[:real].all()):
-            raise GuidanceInputError(
-                "VSF needs the Flux.2 tokenizer to pad on the right (padding_side='right'); "
-                f"got padding_side={getattr(tokenizer, 'padding_side', None)!r}")
-        return embeds[0, :real]
+        limit = getattr(pipe, "tokenizer_max_length", 512) or 512
+        length = len(tokenizer(text, truncation=True, max_length=limit).input_ids)
+        embeds, _ = pipe.encode_prompt(prompt=str(prompt), device=pipe._execution_device, max_sequence_length=length)
+        return embeds[0]
 
     def extend_inputs(self, kwargs, negative):
         kwargs = dict(kwargs)
