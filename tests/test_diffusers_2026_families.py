@@ -378,3 +378,23 @@ def test_flux2_attention_is_the_spec_in_double_and_single_blocks(pipes):
         image = list(range(n + positive_len, h.shape[0]))
         z = expected(attn.norm_q(q), attn.norm_k(k), v, cos, sin, image)
         torch.testing.assert_close(out[0], attn.to_out(torch.cat([z, attn.mlp_act_fn(mlp)], -1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cli_generates_a_compare_grid(pipes, name, tmp_path):
+    from PIL import Image
+
+    from lib_vsf.cli import main
+    from lib_vsf.output import read_png_infotext
+
+    pipes(name).save_pretrained(tmp_path / name)
+    out = tmp_path / "grid.png"
+    code = main(["generate", "--model", str(tmp_path / name), "--prompt", PROMPT, "--negative", "blurry", "--steps", "2",
+                 "--width", "32", "--height", "32", "--max-sequence-length", "64", "--compare", "--out", str(out)])
+    assert code == 0
+    with Image.open(out) as grid:
+        assert grid.width == 4 * 32
+        top = grid.height - 32  # caption strip above the images
+        panels = [torch.tensor(list(grid.crop((32 * i, top, 32 * i + 32, top + 32)).getdata())) for i in range(4)]
+    assert not torch.equal(panels[0], panels[1]), "the VSF panel equals the unguided one"
+    assert "Compare: unguided | VSF a=3.3 b=0.2 | NAG" in read_png_infotext(out)
