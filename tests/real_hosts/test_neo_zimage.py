@@ -175,3 +175,54 @@ def test_matches_zimage_only_and_refuses_softly(neo, monkeypatch):
     monkeypatch.setattr(neo, "attention_function", lambda q, k, v: None)
     with pytest.raises(PatchError):
         NeoZImageAdapter(holder(model, engine)).check()
+
+
+class CausalEncoder(torch.nn.Module):
+    """A stand-in for Neo's Qwen3 (whose config class refuses tiny sizes) with its call signature:
+    position i of the hidden state depends on the tokens 0..i the mask allows."""
+
+    def __init__(self, vocab, width=CAP_DIM):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.lengths = []
+
+    def get_input_embeddings(self):
+        return self.embed
+
+    def forward(self, x, attention_mask=None, embeds=None, num_tokens=None, intermediate_output=None,
+                final_layer_norm_intermediate=True):
+        self.lengths.append(embeds.shape[1])
+        mask = attention_mask[..., None].to(embeds.dtype)
+        prefix = torch.cumsum(embeds * mask, 1) / torch.cumsum(mask, 1).clamp(min=1)
+        return prefix, torch.tanh(2 * prefix)
+
+
+def test_negative_is_neos_qwen3_engine_output_one_prompt_at_a_time(neo):
+    """Neo's Z-Image engine does not pad: each negative is encoded alone, as in a negative pass."""
+    import os
+    import sys
+
+    from transformers import AutoTokenizer
+
+    root = os.environ["VSF_NEO_DIR"]
+    shared = types.ModuleType("modules.shared")
+    shared.opts = types.SimpleNamespace(emphasis="Original")
+    saved = sys.modules.get("modules.shared")
+    sys.modules["modules.shared"] = shared
+    try:
+        qwen3 = import_host("backend.text_processing.qwen3_engine")
+        tokenizer = AutoTokenizer.from_pretrained(os.path.join(root, "backend/huggingface/Tongyi-MAI/Z-Image-Turbo/tokenizer"))
+        encoder = CausalEncoder(len(tokenizer) + 8)
+        engine = qwen3.Qwen3TextProcessingEngine(text_encoder=encoder, tokenizer=tokenizer)
+        adapter = NeoZImageAdapter(holder(build_zimage(neo), engine))
+        negative = adapter.encode_negative(None, ["blurry, text", "", "a (watermark:1.3) and more words"], None)
+        want = [engine([p])[0] for p in ("blurry, text", "a (watermark:1.3) and more words")]
+    finally:
+        if saved is None:
+            sys.modules.pop("modules.shared", None)
+        else:
+            sys.modules["modules.shared"] = saved
+    counts = negative.mask.sum(-1).tolist()
+    assert counts == [want[0].shape[0], 0, want[1].shape[0]] and max(counts) == negative.length
+    assert torch.equal(negative.embeds[0, :counts[0]], want[0]) and torch.equal(negative.embeds[2], want[1])
+    assert set(encoder.lengths) == set(counts) - {0}  # every encoder call saw one prompt's own tokens
