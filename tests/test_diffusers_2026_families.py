@@ -20,9 +20,10 @@ from tiny_pipelines_2026 import BUILDERS_2026, CALL_ARGS_2026
 PROMPT = "a photo of cat"
 NEGATIVE = "blurry text watermark"
 LONG = "a photo of cat with a red dog and a blue car in the text of a watermark"
-FAMILIES = ["zimage", "flux2-klein"]
-# The pipelines' own single unguided pass: Z-Image runs CFG whenever guidance_scale > 0, Klein when > 1.
-UNGUIDED_SCALE = {"zimage": 0.0, "flux2-klein": 1.0}
+FAMILIES = ["zimage", "flux2-klein", "flux2-dev"]
+# The pipelines' own single unguided pass: Z-Image runs CFG whenever guidance_scale > 0, Klein when > 1;
+# Flux.2 dev has no CFG (its guidance_scale is the distilled guidance embedding: its default, 4, here).
+UNGUIDED_SCALE = {"zimage": 0.0, "flux2-klein": 1.0, "flux2-dev": 4.0}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,7 @@ def test_restored_after_an_exception(pipes, name):
     assert_restored(pipe, name, before, unguided)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ["zimage", "flux2-klein"])
 def test_cfg_scale_is_dropped_to_one_pass(pipes, name):
     """A CFG guidance_scale given to the guided call runs one conditional pass per step, warned."""
     pipe = pipes(name)
@@ -137,6 +138,44 @@ def test_cfg_scale_is_dropped_to_one_pass(pipes, name):
     finally:
         hook.remove()
     assert batches == [1] * CALL_ARGS_2026[name]["num_inference_steps"]
+
+
+def test_flux2_dev_distilled_guidance_stays_the_users(pipes):
+    """Flux.2 dev's guidance_scale is the guidance embedding, not CFG: VSF passes it through untouched."""
+    pipe = pipes("flux2-dev")
+    seen = []
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k["guidance"].clone()),
+                                                      with_kwargs=True)
+    try:
+        guided(pipe, "flux2-dev", guidance_scale=2.5)
+    finally:
+        hook.remove()
+    assert len(seen) == CALL_ARGS_2026["flux2-dev"]["num_inference_steps"]
+    assert all(torch.equal(g, torch.full((1,), 2.5)) for g in seen)
+
+
+def test_flux2_dev_negative_is_the_unpadded_mistral_encoding(pipes):
+    from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+    pipe = pipes("flux2-dev")
+    messages = format_input(prompts=[NEGATIVE], system_message=pipe.system_message)
+    ids = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True, return_dict=True,
+                                             return_tensors="pt")["input_ids"]
+    assert pipe.tokenizer.pad_token_id not in ids[0].tolist()
+    with torch.no_grad():
+        states = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states
+    want = torch.cat([states[i][0] for i in (10, 20, 30)], dim=-1)
+    seen = []
+    with VSFGuidance(pipe, NEGATIVE, from_preset("VSF Strong")) as vsf:
+        hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: seen.append(k), with_kwargs=True)
+        try:
+            vsf(prompt=PROMPT, output_type="pt", **CALL_ARGS_2026["flux2-dev"])
+        finally:
+            hook.remove()
+    n = want.shape[0]
+    assert seen[0]["encoder_hidden_states"].shape[1] == n + CALL_ARGS_2026["flux2-dev"]["max_sequence_length"]
+    torch.testing.assert_close(seen[0]["encoder_hidden_states"][0, :n], want, rtol=1e-4, atol=1e-4)
+    assert torch.equal(seen[0]["txt_ids"][0, :n, 3].cpu(), torch.arange(n).to(seen[0]["txt_ids"].dtype))
 
 
 def test_flux2_reference_images_are_refused_clearly_and_nothing_is_left(pipes):
@@ -380,7 +419,7 @@ def test_flux2_attention_is_the_spec_in_double_and_single_blocks(pipes):
         torch.testing.assert_close(out[0], attn.to_out(torch.cat([z, attn.mlp_act_fn(mlp)], -1)), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", ["zimage", "flux2-klein"])
 def test_cli_generates_a_compare_grid(pipes, name, tmp_path):
     from PIL import Image
 

@@ -127,13 +127,52 @@ def flux2_klein_pipeline(seed: int = 0, distilled: bool = True):
     )
 
 
+# Flux.2 dev's messages: a system turn and a user turn, each a list of {"type": "text", "text": ...} parts.
+MISTRAL_CHAT_TEMPLATE = (
+    "{% for m in messages %}[{{ m['role'] }}]{% for c in m['content'] %}{{ c['text'] }}{% endfor %}[/{{ m['role'] }}]"
+    "{% endfor %}"
+)
+
+
+def flux2_dev_pipeline(seed: int = 0):
+    """Flux.2 dev pipeline: a tiny Mistral 3 text encoder (30 layers, so that the pipeline's layers 10/20/30
+    exist; hidden 16, stacked to 48) and the guidance-embedding transformer, 32x32 images. The real pipeline's
+    tokenizer is a PixtralProcessor, whose text-only chat template path is its tokenizer's; that processor
+    needs torchvision, so the tokenizer stands in for it here."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    torch.manual_seed(seed + 1)
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=320, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=30, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         max_position_embeddings=1024),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=16, head_dim=8),
+        image_token_index=300, spatial_merge_size=1)
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=8,
+                             down_block_types=("DownEncoderBlock2D",) * 2,
+                             up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                             mid_block_add_attention=False).eval()
+    return Flux2Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), vae=vae, text_encoder=text_encoder,
+        tokenizer=tokenizer, transformer=flux2_transformer(seed, joint_attention_dim=48, guidance_embeds=True),
+    )
+
+
 BUILDERS_2026 = {
     "zimage": zimage_pipeline,
     "flux2-klein": flux2_klein_pipeline,
+    "flux2-dev": flux2_dev_pipeline,
 }
 
 # Call arguments that make each tiny pipeline fast and small.
 CALL_ARGS_2026 = {
     "zimage": dict(height=32, width=32, num_inference_steps=3, max_sequence_length=128),
     "flux2-klein": dict(height=32, width=32, num_inference_steps=3, max_sequence_length=64),
+    "flux2-dev": dict(height=32, width=32, num_inference_steps=3, max_sequence_length=64),
 }

@@ -1,5 +1,5 @@
-"""Flux.2 Klein (diffusers `Flux2Transformer2DModel` in `Flux2KleinPipeline`): joint attention, text first,
-in double-stream and single-stream (parallel) blocks.
+"""Flux.2 Klein and Flux.2 dev (diffusers `Flux2Transformer2DModel` in `Flux2KleinPipeline` / `Flux2Pipeline`):
+joint attention, text first, in double-stream and single-stream (parallel) blocks.
 
 As for Flux.1 the negative tokens go before the positive ones in the text stream, `[N0, P, I]`, so image
 and positive tokens stay one contiguous span for the fast path; single-stream blocks take the same mask
@@ -8,8 +8,9 @@ layers) at exactly its own token count, so it carries none of the padding to `ma
 the positive gets: the pipeline gives the transformer no text mask, so padding would be attended, and flipped. Flux.2 text ids are `(0, 0, 0, l)` with `l` the
 token index and the image sits at `l = 0` whatever the text: the negative's ids are simply those of its
 own tokens in a negative pass, `l = 0..n-1` (they coincide with P's, which N0 never attends to).
-Klein's `guidance_scale` is CFG (a second pass) and is set to 1; the transformer's distilled guidance
-input (`guidance`) is passed through as the pipeline gives it. Reference images (`image=`) are not
+Klein's `guidance_scale` is CFG (a second pass) and is set to 1; Flux.2 dev has no CFG, its `guidance_scale`
+is the distilled guidance embedding and stays the user's (the transformer's `guidance` input is never touched).
+Flux.2 dev encodes with Mistral 3 behind the pipeline's system message, hidden layers 10 / 20 / 30. Reference images (`image=`) are not
 supported yet (they would need their own rows of the mask table).
 """
 from __future__ import annotations
@@ -103,9 +104,10 @@ class Flux2KleinFamily(FamilyAdapter):
     pipeline_prefixes = ("Flux2KleinPipeline",)
     negative_first = True
     cfg_kwarg = "guidance_scale"  # Klein's guidance_scale is CFG (a second pass); 1 turns it off
+    text_layers = DEFAULT_TEXT_LAYERS
 
     def matches(self, pipe) -> bool:
-        return type(pipe).__name__ == "Flux2KleinPipeline"
+        return type(pipe).__name__ in self.pipeline_prefixes
 
     def denoisers(self, pipe):
         return [("transformer", pipe.transformer)]
@@ -121,9 +123,9 @@ class Flux2KleinFamily(FamilyAdapter):
         if kwargs.get("image") is not None:
             raise GuidanceInputError("VSF does not support Flux.2 reference images (image=...) yet")
         layers = kwargs.get("text_encoder_out_layers")
-        if layers is not None and tuple(layers) != DEFAULT_TEXT_LAYERS:
+        if layers is not None and tuple(layers) != self.text_layers:
             raise GuidanceInputError(
-                f"VSF encodes the negative with the pipeline's default text layers {DEFAULT_TEXT_LAYERS}; "
+                f"VSF encodes the negative with the pipeline's default text layers {self.text_layers}; "
                 f"text_encoder_out_layers={tuple(layers)} is not supported")
         return super().single_pass_kwargs(kwargs)
 
@@ -138,12 +140,15 @@ class Flux2KleinFamily(FamilyAdapter):
                                      f"got {tokenizer.padding_side!r}")
         # The token count of the prompt as the pipeline tokenizes it (same chat template), truncated as it
         # truncates; encoding at exactly that length leaves no padding to strip.
-        text = tokenizer.apply_chat_template([{"role": "user", "content": str(prompt)}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=False)
-        limit = getattr(pipe, "tokenizer_max_length", 512) or 512
-        length = len(tokenizer(text, truncation=True, max_length=limit).input_ids)
+        length = self._token_count(pipe, str(prompt), getattr(pipe, "tokenizer_max_length", 512) or 512)
         embeds, _ = pipe.encode_prompt(prompt=str(prompt), device=pipe._execution_device, max_sequence_length=length)
         return embeds[0]
+
+    @staticmethod
+    def _token_count(pipe, prompt: str, limit: int) -> int:
+        text = pipe.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True, enable_thinking=False)
+        return len(pipe.tokenizer(text, truncation=True, max_length=limit).input_ids)
 
     def extend_inputs(self, kwargs, negative):
         kwargs = dict(kwargs)
@@ -154,3 +159,28 @@ class Flux2KleinFamily(FamilyAdapter):
             extra[..., -1] = torch.arange(negative.length, device=txt_ids.device, dtype=txt_ids.dtype)
             kwargs["txt_ids"] = torch.cat([extra, txt_ids], dim=-2)
         return kwargs
+
+
+class Flux2DevFamily(Flux2KleinFamily):
+    """Flux.2 dev (`Flux2Pipeline`): the same transformer, a Mistral 3 text encoder behind a system message,
+    and no CFG at all: its `guidance_scale` is the distilled guidance embedding, which stays the user's."""
+
+    label = "Flux.2 dev"
+    pipeline_prefixes = ("Flux2Pipeline",)
+    cfg_kwarg = None
+    text_layers = (10, 20, 30)
+
+    def single_pass_kwargs(self, kwargs):
+        if kwargs.get("caption_upsample_temperature"):
+            raise GuidanceInputError("VSF does not support Flux.2 prompt upsampling (caption_upsample_temperature)")
+        return super().single_pass_kwargs(kwargs)
+
+    @staticmethod
+    def _token_count(pipe, prompt: str, limit: int) -> int:
+        from diffusers.pipelines.flux2.pipeline_flux2 import format_input
+
+        messages = format_input(prompts=[prompt], system_message=pipe.system_message)
+        ids = pipe.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                                 return_dict=True, return_tensors="pt", truncation=True,
+                                                 max_length=limit)["input_ids"]
+        return int(ids.shape[-1])

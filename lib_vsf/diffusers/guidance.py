@@ -20,14 +20,14 @@ from ..settings import VSFSettings, family_default
 from ..state import GuidanceRun, NegativeText
 from .family import FamilyAdapter, GuidanceInputError, UnsupportedPipelineError
 from .flux import FluxFamily
-from .flux2 import Flux2KleinFamily
+from .flux2 import Flux2DevFamily, Flux2KleinFamily
 from .sd3 import SD3Family
 from .unet import UNetFamily
 from .wan import WanFamily
 from .zimage import ZImageFamily
 
 FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, WanFamily, UNetFamily, ZImageFamily,
-                                                Flux2KleinFamily)
+                                                Flux2KleinFamily, Flux2DevFamily)
 
 
 def supported_pipelines() -> str:
