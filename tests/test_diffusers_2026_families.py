@@ -233,24 +233,25 @@ def zimage_rotation(model, ids):
     return torch.cat(parts, -1)
 
 
-def zimage_lengths(pipe, prompt, negative):
+def zimage_lengths(pipe, prompt, negative, size=None):
     """(image tokens padded, caption padded, negative tokens) from the pipeline's own encodings."""
     caption = pipe.encode_prompt(prompt=[prompt], do_classifier_free_guidance=False)[0][0]
     neg = pipe.encode_prompt(prompt=[negative], do_classifier_free_guidance=False)[0][0]
-    h = CALL_ARGS_2026["zimage"]["height"] // (pipe.vae_scale_factor * 2)
-    w = CALL_ARGS_2026["zimage"]["width"] // (pipe.vae_scale_factor * 2)
+    h = (size or CALL_ARGS_2026["zimage"]["height"]) // (pipe.vae_scale_factor * 2)
+    w = (size or CALL_ARGS_2026["zimage"]["width"]) // (pipe.vae_scale_factor * 2)
     return padded32(h * w), padded32(len(caption)), len(neg), neg
 
 
-def test_zimage_attention_is_the_spec_in_every_unified_block(pipes):
+@pytest.mark.parametrize("size", [32, 24], ids=["64-image-tokens", "36-image-tokens-28-pads"])
+def test_zimage_attention_is_the_spec_in_every_unified_block(pipes, size):
     pipe = pipes("zimage")
     model = pipe.transformer
     settings = from_preset("VSF Strong")
-    x_len, cap_len, n, _ = zimage_lengths(pipe, PROMPT, NEGATIVE)
+    x_len, cap_len, n, _ = zimage_lengths(pipe, PROMPT, NEGATIVE, size)
     calls = {i: [] for i in range(len(model.layers))}
     hooks = [capture(layer.attention, calls[i]) for i, layer in enumerate(model.layers)]
     try:
-        guided(pipe, "zimage", settings=settings)
+        guided(pipe, "zimage", settings=settings, height=size, width=size)
     finally:
         for h in hooks:
             h.remove()
