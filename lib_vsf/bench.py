@@ -313,25 +313,40 @@ def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: 
     from .settings import VSFSettings
     from .state import GuidanceRun, NegativeText
 
+    from types import SimpleNamespace
+
     adapter = next(f() for f in FAMILIES if f.family == p.family)
     settings = VSFSettings(guidance.method, alpha=guidance.alpha, beta=guidance.beta, tau=guidance.tau)
     run = GuidanceRun(settings, negative_first=adapter.negative_first)
-    originals = dict(model.attn_processors)
+    (_, table), = adapter.denoisers(SimpleNamespace(transformer=model))  # what holds the processors
+    originals = dict(table.attn_processors)
     ours = {name: adapter.processor_for(name, proc, run) or proc for name, proc in originals.items()}
     text = NegativeText(negative, torch.ones(negative.shape[:2], dtype=torch.bool, device=negative.device))
-    model.set_attn_processor(ours)
-    try:
+
+    def add_negative(module, args, kw):  # the part of VSFGuidance's step hook a guided step needs
         run.set_step(0, 1)
-        run.set_text(adapter.positive_length(kwargs), text, adapter.negative_first)
-        yield adapter.extend_inputs(kwargs, text)
+        run.set_text(adapter.positive_length(kw), text, adapter.negative_first)
+        return args, adapter.extend_inputs(kw, text)
+
+    table.set_attn_processor(ours)
+    hook = adapter.register_step_hook(table, add_negative)
+    try:
+        yield kwargs
     finally:
-        model.set_attn_processor(originals)
+        hook.remove()
+        table.set_attn_processor(originals)
 
 
 def _batch2(kwargs: dict, batch: int) -> dict:
-    """The CFG batch: every per-sample input twice (position ids are shared)."""
-    return {k: torch.cat([t, t]) if torch.is_tensor(t) and t.dim() and t.shape[0] == batch and not k.endswith("_ids")
-            else t for k, t in kwargs.items()}
+    """The CFG batch: every per-sample input twice (position ids are shared; per-sample lists doubled)."""
+    def doubled(k, t):
+        if isinstance(t, list) and len(t) == batch:
+            return t + t
+        if torch.is_tensor(t) and t.dim() and t.shape[0] == batch and not k.endswith("_ids"):
+            return torch.cat([t, t])
+        return t
+
+    return {k: doubled(k, t) for k, t in kwargs.items()}
 
 
 def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True, ab_rounds=0,
@@ -353,9 +368,12 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
     checks = {"model_init_s": round(time.perf_counter() - t0, 1),
               "parameters_b": round(sum(x.numel() for x in model.parameters()) / 1e9, 3)}
     kwargs = p.make_inputs(p, batch, device, dtype)
-    text_dim = kwargs["encoder_hidden_states"].shape[-1]
-    negative = torch.randn(batch, p.negative_tokens, text_dim, device=device, dtype=dtype)
-    fwd = lambda kw: model(**kw, return_dict=False)[0]  # noqa: E731
+    text = kwargs["encoder_hidden_states"] if "encoder_hidden_states" in kwargs else kwargs["cap_feats"][0]
+    negative = torch.randn(batch, p.negative_tokens, text.shape[-1], device=device, dtype=dtype)
+
+    def fwd(kw):
+        out = model(**kw, return_dict=False)[0]
+        return torch.stack(out) if isinstance(out, list) else out  # Z-Image returns one tensor per sample
     res, skipped = {}, {}
     with torch.no_grad():
         res["unguided"] = {**timed(lambda: fwd(kwargs), device, warmup, repeats), "ratio": 1.0}

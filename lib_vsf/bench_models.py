@@ -19,7 +19,7 @@ class Preset:
     name: str
     model_class: str  # diffusers class name
     config: dict
-    family: str  # lib_vsf.diffusers family ("sd3", "flux", "wan")
+    family: str  # lib_vsf.diffusers family ("sd3", "flux", "wan", "zimage", "flux2")
     kind: str
     heads: int
     head_dim: int
@@ -74,6 +74,39 @@ def _wan_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
     )
 
 
+def _zimage_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
+    """Z-Image's call: per-sample lists (latent [C, 1, H, W], caption [Lp, cap_feat_dim]), keywords."""
+    c = p.config
+    side = int(round(p.image_tokens ** 0.5)) * c["all_patch_size"][0]
+    return dict(
+        x=[torch.randn(c["in_channels"], 1, side, side, device=device, dtype=dtype) for _ in range(batch)],
+        t=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        cap_feats=[torch.randn(p.positive_tokens, c["cap_feat_dim"], device=device, dtype=dtype)
+                   for _ in range(batch)],
+    )
+
+
+def _flux2_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
+    """Flux.2's call: packed latents, text padded to `positive_tokens`, 4-axis ids (t, h, w, l)."""
+    c = p.config
+    side = int(round(p.image_tokens ** 0.5))
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(ys), ys, xs, torch.zeros_like(ys)], -1).reshape(-1, 4)
+    txt_ids = torch.zeros(p.positive_tokens, 4, dtype=torch.long)
+    txt_ids[:, 3] = torch.arange(p.positive_tokens)
+    out = dict(
+        hidden_states=torch.randn(batch, p.image_tokens, c["in_channels"], device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, p.positive_tokens, c["joint_attention_dim"], device=device,
+                                          dtype=dtype),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_ids=img_ids[None].expand(batch, -1, -1).to(device),
+        txt_ids=txt_ids[None].expand(batch, -1, -1).to(device),
+    )
+    if c.get("guidance_embeds"):
+        out["guidance"] = torch.full((batch,), 3.5, device=device, dtype=dtype)
+    return out
+
+
 SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                   num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
@@ -91,6 +124,20 @@ WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=
                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
 
+# Z-Image Turbo (6B) and Flux.2 Klein 4B: the configs their checkpoints ship (transformer/config.json).
+ZIMAGE_TURBO = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
+                    n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-5, qk_norm=True, cap_feat_dim=2560,
+                    rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48], axes_lens=[1536, 512, 512])
+ZIMAGE_TINY = dict(ZIMAGE_TURBO, in_channels=4, dim=64, n_layers=2, n_refiner_layers=1, n_heads=4, n_kv_heads=4,
+                   cap_feat_dim=32, axes_dims=[8, 4, 4], axes_lens=[256, 64, 64])
+FLUX2_KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_layers=20, attention_head_dim=128,
+                      num_attention_heads=24, joint_attention_dim=7680, timestep_guidance_channels=256,
+                      mlp_ratio=3.0, axes_dims_rope=(32, 32, 32, 32), rope_theta=2000, eps=1e-6,
+                      guidance_embeds=False)
+FLUX2_TINY = dict(FLUX2_KLEIN_4B, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                  num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=32,
+                  axes_dims_rope=(4, 4, 4, 4))
+
 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "SD3Transformer2DModel", SD3_TINY, "sd3", "joint", 4, 16, 64, 12, 3, False, False,
@@ -104,6 +151,17 @@ PRESETS: dict[str, Preset] = {
     "wan-1.3b": Preset("wan-1.3b", "WanTransformer3DModel", WAN_13B, "wan", "cross", 12, 128, 21 * 30 * 52, 512,
                        8, False, False, _wan_inputs, note="480x832, 81 frames; cross-attention (attn2)",
                        video_latent=(21, 60, 104)),
+    # Z-Image: [I (padded to 32), P (caption padded to 32), N0]; the negative carries its chat template.
+    "zimage-turbo": Preset("zimage-turbo", "ZImageTransformer2DModel", ZIMAGE_TURBO, "zimage", "joint", 30, 128,
+                           4096, 128, 16, False, False, _zimage_inputs,
+                           note="1024x1024, 6B; unified blocks [I, P, N0]"),
+    "zimage-tiny": Preset("zimage-tiny", "ZImageTransformer2DModel", ZIMAGE_TINY, "zimage", "joint", 4, 16, 64, 32,
+                          12, False, False, _zimage_inputs, note="2-layer Z-Image, 128x128 equivalent; CPU check"),
+    "flux2-klein-4b": Preset("flux2-klein-4b", "Flux2Transformer2DModel", FLUX2_KLEIN_4B, "flux2", "joint", 24, 128,
+                             4096, 512, 16, True, True, _flux2_inputs,
+                             note="1024x1024, 4B; text first, negative first: [N0, P, I]"),
+    "flux2-tiny": Preset("flux2-tiny", "Flux2Transformer2DModel", FLUX2_TINY, "flux2", "joint", 4, 16, 64, 32, 12,
+                         True, True, _flux2_inputs, note="1+1-block Flux.2, 128x128 equivalent; CPU check"),
 }
 
 

@@ -16,8 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .settings import (METHOD_LABELS, METHODS, VSFSettings, VSFSettingsError, family_default, from_preset,
-                       preset_names)
+from .settings import (FAMILY_DEFAULTS, METHOD_LABELS, METHODS, PAPER_TUNED_FAMILIES, VSFSettings, VSFSettingsError,
+                       family_default, from_preset, preset_names)
 
 METHOD_PRESET = {"nag": "NAG", "nasa": "NASA"}
 
@@ -187,8 +187,9 @@ def main(argv=None) -> int:
     if args.command == "presets":
         for name in preset_names()[:-1]:
             print(f"{name:12s} {from_preset(name).to_infotext_string()}")
-        for family in ("sd3", "flux", "wan", "unet"):
-            print(f"default {family:5s}{family_default(family).to_infotext_string()}")
+        for family in FAMILY_DEFAULTS:
+            untuned = "" if family in PAPER_TUNED_FAMILIES else "  (untuned starting point)"
+            print(f"default {family:7s}{family_default(family).to_infotext_string()}{untuned}")
         return 0
     try:
         path = generate(args)

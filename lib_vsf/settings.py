@@ -155,6 +155,8 @@ def _register_presets():
 
 # Per-family VSF defaults (the authors' repository README): used when a caller names no preset.
 FAMILY_DEFAULTS: dict[str, VSFSettings] = {}
+# Families whose defaults come from the paper or its authors' README; the others are untuned.
+PAPER_TUNED_FAMILIES = ("sd3", "flux", "wan", "unet")
 
 
 def _register_family_defaults():
@@ -162,6 +164,9 @@ def _register_family_defaults():
     FAMILY_DEFAULTS["flux"] = VSFSettings("vsf", alpha=6.0, beta=0.2, flux_lambda=8.0)
     FAMILY_DEFAULTS["wan"] = VSFSettings("vsf", alpha=1.7, beta=0.2)
     FAMILY_DEFAULTS["unet"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
+    # Families the paper did not tune: untuned starting points (VSF Quality's numbers).
+    FAMILY_DEFAULTS["zimage"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
+    FAMILY_DEFAULTS["flux2"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
 
 
 def preset_names() -> list[str]:
@@ -180,7 +185,7 @@ def from_preset(name: str, **overrides) -> VSFSettings:
 
 
 def family_default(family: str) -> VSFSettings:
-    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`)."""
+    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`, `zimage`, `flux2`)."""
     try:
         return FAMILY_DEFAULTS[family]
     except KeyError:

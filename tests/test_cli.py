@@ -194,3 +194,14 @@ def test_unsupported_pipeline_is_a_clear_error(tmp_path, capsys):
 def test_module_entry_point_lists_presets():
     out = subprocess.run([sys.executable, "-m", "lib_vsf", "presets"], capture_output=True, text=True, check=True)
     assert "VSF Quality  VSF method: vsf, VSF alpha: 3.3, VSF beta: 0.2" in out.stdout
+
+
+def test_presets_lists_every_family_default_and_marks_the_untuned_ones(capsys):
+    from lib_vsf.cli import main
+
+    assert main(["presets"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    defaults = {line.split()[1]: line for line in lines if line.startswith("default ")}
+    assert set(defaults) == {"sd3", "flux", "wan", "unet", "zimage", "flux2"}
+    assert "VSF alpha: 3.5, VSF beta: 0.1" in defaults["sd3"] and "VSF lambda: 8" in defaults["flux"]
+    assert [f for f, line in defaults.items() if "untuned" in line] == ["zimage", "flux2"]

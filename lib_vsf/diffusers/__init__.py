@@ -1,4 +1,5 @@
-"""VSF / NAG / NASA guidance for diffusers pipelines (SD3/SD3.5, Flux, Wan 2.1/2.2, SD1.5/SDXL).
+"""VSF / NAG / NASA guidance for diffusers pipelines (SD3/SD3.5, Flux, Wan 2.1/2.2, SD1.5/SDXL, Z-Image,
+Flux.2 Klein).
 
     from lib_vsf import from_preset
     from lib_vsf.diffusers import VSFGuidance

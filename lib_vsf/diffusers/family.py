@@ -1,6 +1,6 @@
 """What a diffusers model family adapter provides; the shared processor base.
 
-One adapter per family (sd3.py, flux.py, wan.py, unet.py), each the same shape:
+One adapter per family (sd3.py, flux.py, wan.py, unet.py, zimage.py, flux2.py), each the same shape:
 
 - `matches(pipe)`: is this pipeline of the family?
 - `denoisers(pipe)`: the models whose attention gets processors (Wan 2.2 has two).
@@ -13,6 +13,9 @@ One adapter per family (sd3.py, flux.py, wan.py, unet.py), each the same shape:
   the text stream (and any position ids that must grow with it).
 - `single_pass_kwargs(kwargs)`: pipeline kwargs that make the run one conditional pass; guidance
   embeddings that are not CFG (Flux's distilled guidance, LCM's w-embedding) keep the caller's value.
+- `register_step_hook(model, hook)`: attach `VSFGuidance`'s per-call hook to a denoiser; returns a
+  handle whose `remove()` undoes everything the adapter attached (families whose denoiser is not
+  called with `encoder_hidden_states=` override it).
 """
 from __future__ import annotations
 
@@ -105,6 +108,9 @@ class FamilyAdapter:
         kwargs = dict(kwargs)
         kwargs["encoder_hidden_states"] = append_text(kwargs["encoder_hidden_states"], negative, self.negative_first)
         return kwargs
+
+    def register_step_hook(self, model: torch.nn.Module, hook):
+        return model.register_forward_pre_hook(hook, with_kwargs=True)
 
     def positive_length(self, kwargs: dict[str, Any]) -> int:
         return kwargs["encoder_hidden_states"].shape[1]

@@ -27,12 +27,15 @@ from ..settings import VSFSettings, family_default
 from ..state import GuidanceRun, NegativeText
 from .family import FamilyAdapter, GuidanceConflictError, GuidanceInputError, GuidedProcessor, UnsupportedPipelineError
 from .flux import FluxFamily
+from .flux2 import Flux2DevFamily, Flux2KleinFamily
 from .sd3 import SD3Family
 from .steps import sampler_step
 from .unet import UNetFamily
 from .wan import WanFamily
+from .zimage import ZImageFamily
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, WanFamily, UNetFamily)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, WanFamily, UNetFamily, ZImageFamily,
+                                                Flux2KleinFamily, Flux2DevFamily)
 
 
 def supported_pipelines() -> str:
@@ -87,7 +90,7 @@ class VSFGuidance:
                         for name, proc in originals.items()}
                 self._originals.append((model, originals))
                 model.set_attn_processor(ours)
-                self._hooks.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
+                self._hooks.append(self.adapter.register_step_hook(model, self._before_forward))
         except BaseException:
             self.restore()
             raise

@@ -78,7 +78,9 @@ class NeoFluxAdapter(HostAdapter):
     @classmethod
     def matches(cls, sd_model: Any) -> bool:
         model = diffusion_model(sd_model)
-        return any(class_is(model, m, n) for m, n in MODEL_CLASSES) and is_forge_neo()
+        # Neo builds Flux.2 from the same class with global modulation: that is `neo_flux2`'s model.
+        return (any(class_is(model, m, n) for m, n in MODEL_CLASSES) and not getattr(model, "global_modulation", False)
+                and is_forge_neo())
 
     def _module(self) -> ModuleType:
         from backend.nn import flux  # type: ignore[import-not-found]
