@@ -10,6 +10,9 @@ One adapter per family (sd3.py, flux.py, wan.py, unet.py), each the same shape:
 - `extend_inputs(kwargs, negative)`: the denoiser's forward kwargs with the negative tokens added to
   the text stream (and any position ids that must grow with it).
 - `single_pass_kwargs(kwargs)`: pipeline kwargs that make the run one conditional pass.
+- `latent_grid(model, args, kwargs)`: where the image tokens of the denoiser call sit (a `LatentGrid`:
+  patch size, packing), for the negative-attention map; None (the default) = not available, the map
+  then stays flat `[B, tokens]`.
 """
 from __future__ import annotations
 
@@ -38,6 +41,14 @@ class GuidedProcessor:
 
     def unguided(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+def attend(attention, q, k, v, layout, run: GuidanceRun):
+    """`attention(q, k, v, layout, run.guidance())` (joint_attention or cross_attention), handing over
+    the run's negative-map recorder only when one records: without the map the call is unchanged."""
+    if run.negative_map is None:
+        return attention(q, k, v, layout, run.guidance())
+    return attention(q, k, v, layout, run.guidance(), negative_share=run.negative_map)
 
 
 def heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -89,6 +100,10 @@ class FamilyAdapter:
         kwargs = dict(kwargs)
         kwargs["encoder_hidden_states"] = append_text(kwargs["encoder_hidden_states"], negative, self.negative_first)
         return kwargs
+
+    def latent_grid(self, model, args, kwargs):
+        """The `LatentGrid` of this denoiser call, or None: the family does not say (see docstring)."""
+        return None
 
     def positive_length(self, kwargs: dict[str, Any]) -> int:
         return kwargs["encoder_hidden_states"].shape[1]

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import cross_attention
-from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, heads_first, heads_merged
+from ..state import LatentGrid
+from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, attend, heads_first, heads_merged
 from .text import clip_hidden_states, is_blank
 
 
@@ -39,7 +40,7 @@ class UNetCrossVSFProcessor(GuidedProcessor):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = heads_merged(cross_attention(q, k, v, run.cross_layout(), run.guidance())).to(q.dtype)
+        out = heads_merged(attend(cross_attention, q, k, v, run.cross_layout(), run)).to(q.dtype)
         run.calls += 1
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -55,6 +56,11 @@ class UNetFamily(FamilyAdapter):
 
     def processor_for(self, name, original, run):
         return UNetCrossVSFProcessor(original, run) if name.endswith(".attn2.processor") else None
+
+    def latent_grid(self, model, args, kwargs):
+        # sample [B, C, H, W]: attn2 runs at H x W and at each downsampled level (LatentGrid.shape_for)
+        latents = kwargs.get("sample", args[0] if args else None)
+        return LatentGrid(1, latents.shape[-2], latents.shape[-1])
 
     def encode_negative(self, pipe, prompt, settings):
         if getattr(pipe, "text_encoder_2", None) is not None or getattr(pipe, "tokenizer_2", None) is not None:
