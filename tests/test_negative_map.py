@@ -273,3 +273,83 @@ def test_nag_map_through_vsf_guidance_is_none_with_a_warning(tiny):
     with guidance as vsf:
         _latents(pipe, "sd3", call_args, vsf)
         assert vsf.negative_map() is None and "NAG" in vsf.negative_map_undefined
+
+
+# --- CLI and the heatmap ---------------------------------------------------------------------------------
+
+def test_figure_states_mean_and_max_and_flags_a_tiny_share():
+    from lib_vsf.output import negative_share_figure
+
+    big = negative_share_figure(torch.tensor([[0.10, 0.30], [0.20, 0.40]]))
+    assert big == "negative share: mean 25.00%, max 40.00%"
+    tiny = negative_share_figure(torch.tensor([[0.001, 0.015]]))
+    assert tiny.startswith("negative share: mean 0.80%, max 1.50%")
+    assert "tiny" in tiny and "raise alpha" in tiny and "lower beta" in tiny
+
+
+def test_heatmap_is_hottest_where_the_share_is_largest():
+    from PIL import Image
+
+    from lib_vsf.output import negative_map_image
+
+    share = torch.tensor([[0.05, 0.05], [0.05, 0.40]])  # bottom-right token holds most negative mass
+    heat = negative_map_image(Image.new("RGB", (64, 64), (128, 128, 128)), share, caption=False)
+    hot, cold = heat.getpixel((56, 56)), heat.getpixel((8, 8))
+    assert hot[0] > cold[0] and hot[1] > cold[1] and hot[2] < cold[2]  # yellow vs dark blue end of the ramp
+
+
+@pytest.fixture(scope="module")
+def saved_sd3(tmp_path_factory, tiny):
+    builders, _ = tiny
+    path = tmp_path_factory.mktemp("pipes") / "sd3"
+    builders["sd3"]().save_pretrained(path)
+    return str(path)
+
+
+CLI_SMALL = ["--steps", "2", "--width", "16", "--height", "16", "--max-sequence-length", "16"]
+
+
+def test_cli_show_map_writes_the_map_png_with_its_figure(saved_sd3, tmp_path, capsys):
+    from PIL import Image
+
+    from lib_vsf.cli import main
+    from lib_vsf.output import read_png_infotext
+
+    out = tmp_path / "car.png"
+    args = ["generate", "--model", saved_sd3, "--prompt", "a red car", "--negative", "blurry", *CLI_SMALL,
+            "--out", str(out)]
+    assert main(args + ["--show-map"]) == 0
+    map_path = tmp_path / "car.map.png"
+    assert map_path.exists() and "map: " in capsys.readouterr().err
+    text = read_png_infotext(map_path)
+    assert "VSF map: " in text and "negative share: mean" in text
+    with Image.open(out) as with_map:
+        image_with_map = with_map.convert("RGB").tobytes()
+    assert main(args) == 0  # the same run without the map: the same image
+    with Image.open(out) as plain:
+        assert plain.convert("RGB").tobytes() == image_with_map
+
+
+def test_cli_show_map_with_nag_says_undefined_and_writes_none(saved_sd3, tmp_path, capsys):
+    from lib_vsf.cli import main
+
+    out = tmp_path / "nag.png"
+    assert main(["generate", "--model", saved_sd3, "--prompt", "a red car", "--negative", "blurry", "--method",
+                 "nag", *CLI_SMALL, "--show-map", "--out", str(out)]) == 0
+    assert "VSF only" in capsys.readouterr().err
+    assert out.exists() and not (tmp_path / "nag.map.png").exists()
+
+
+def test_cli_compare_with_show_map_adds_a_map_column(saved_sd3, tmp_path):
+    from PIL import Image
+
+    from lib_vsf.cli import main
+    from lib_vsf.output import read_png_infotext
+
+    base = ["generate", "--model", saved_sd3, "--prompt", "a red car", "--negative", "blurry", *CLI_SMALL,
+            "--compare"]
+    assert main(base + ["--out", str(tmp_path / "grid.png")]) == 0
+    assert main(base + ["--show-map", "--out", str(tmp_path / "grid_map.png")]) == 0
+    with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "grid_map.png") as with_map:
+        assert with_map.width * 4 == grid.width * 5  # one more column of the same width
+        assert read_png_infotext(tmp_path / "grid_map.png") == read_png_infotext(tmp_path / "grid.png")
