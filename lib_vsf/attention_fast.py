@@ -30,8 +30,8 @@ remains the path on CPU, without Triton, or when a kernel fails.
 The negative-attention map (`negative_share`, a `lib_vsf.state.NegativeShareMap` or None): the image
 rows' weight of the N1 block, 1 - W = sigmoid(log A- - log A+), is already an intermediate of the
 merge; when a recorder is given its head mean `[B, image tokens]` is handed over (one reduction per
-call). None (the default) adds nothing. The fused Triton merge does not return the weight, so a call
-that records the map takes the torch merge instead (same math, torch rounding).
+call). None (the default) adds nothing. The fused Triton merge then also stores the weight into a
+`[B, H, rows]` float32 buffer (its output is computed exactly as without it).
 """
 from __future__ import annotations
 
@@ -402,11 +402,15 @@ def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=N
             return o_i
         dest.copy_(o_i)
         return dest
-    mod = None if negative_share is not None else _triton_kernel(
-        "merge", q_i, lambda m: m.supports_merge(q_i, k_n.shape[2]))
+    mod = _triton_kernel("merge", q_i, lambda m: m.supports_merge(q_i, k_n.shape[2]))
     if mod is not None:  # one fused memory-bound kernel, float32 math, written straight into dest
         try:
-            return mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest)
+            if negative_share is None:
+                return mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest)
+            share = torch.empty(lse_i.shape, device=lse_i.device, dtype=torch.float32)
+            res = mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest, share=share)
+            negative_share.add(share.mean(dim=1))
+            return res
         except Exception as err:  # noqa: BLE001
             _triton_failed("merge", q_i, err)
     if valid is None:

@@ -353,3 +353,43 @@ def test_cli_compare_with_show_map_adds_a_map_column(saved_sd3, tmp_path):
     with Image.open(tmp_path / "grid.png") as grid, Image.open(tmp_path / "grid_map.png") as with_map:
         assert with_map.width * 4 == grid.width * 5  # one more column of the same width
         assert read_png_infotext(tmp_path / "grid_map.png") == read_png_infotext(tmp_path / "grid.png")
+
+
+# --- the fused Triton merge (CUDA, or Triton's CPU interpreter with TRITON_INTERPRET=1 set beforehand) ----
+
+def _triton_usable():
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not _triton_usable(), reason="needs Triton on CUDA, or TRITON_INTERPRET=1 on CPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("padded", [False, True])
+def test_triton_merge_stores_one_minus_w_without_changing_its_output(dtype, padded):
+    from lib_vsf import attention_triton
+
+    if not attention_triton.AVAILABLE:
+        pytest.skip("triton imports but is not usable")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, heads, rows, keys, n_neg, dim = 2, 3, 70, 9, 5, 16
+    q = randn(batch, heads, rows, dim, seed=11).to(device, dtype)
+    k, v = (randn(batch, heads, keys, dim, seed=s).to(device, dtype) for s in (12, 13))
+    k_n, v_n = (randn(batch, heads, n_neg, dim, seed=s).to(device, dtype) for s in (14, 15))
+    valid = torch.tensor([[True] * 5, [True, False, True, False, False]], device=device) if padded else None
+    scale = 1 / math.sqrt(dim)
+    o_i, lse_i = attention_fast.chunked_attention_lse(q, k, v, scale)
+    share = torch.empty(batch, heads, rows, device=device, dtype=torch.float32)
+    with_share = attention_triton.image_rows_vsf(o_i, lse_i, q, k_n, v_n, ALPHA, BETA, valid, scale, share=share)
+    without = attention_triton.image_rows_vsf(o_i, lse_i, q, k_n, v_n, ALPHA, BETA, valid, scale)
+    assert torch.equal(with_share, without)
+    # eq. 8 over the keys of this merge: A+ = the main block, A- = the real negative keys (logit - beta)
+    keys_all = torch.cat([k, k_n], dim=2).cpu()
+    real = valid.cpu() if padded else torch.ones(batch, n_neg, dtype=torch.bool)
+    want = eq8_share(q.cpu(), keys_all, list(range(rows)), list(range(keys)), list(range(keys, keys + n_neg)),
+                     real, BETA, scale)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3  # logits of 16-bit inputs, float32 accumulation
+    torch.testing.assert_close(share.mean(dim=1).cpu().double(), want, rtol=tol, atol=tol)
