@@ -243,7 +243,8 @@ def _latents(pipe, name, call_args, vsf=None):
     return (out.frames if hasattr(out, "frames") else out.images).clone()
 
 
-@pytest.mark.parametrize("name,shape", [("sd3", (1, 8, 8)), ("sd15", (1, 8, 8)), ("wan", (1, 2, 1, 1))])
+@pytest.mark.parametrize("name,shape", [("sd3", (1, 8, 8)), ("flux", (1, 4, 4)), ("sd15", (1, 8, 8)),
+                                        ("wan", (1, 2, 1, 1))])
 def test_map_on_gives_the_same_images_and_a_map_on_the_latent_grid(tiny, name, shape):
     from lib_vsf.diffusers import VSFGuidance
 
