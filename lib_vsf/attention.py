@@ -5,6 +5,11 @@
 a `TokenLayout` and a `Guidance`, and return `[B, H, Lq, D]`. They must agree with
 `lib_vsf.attention_reference` (tests check it); the VSF path picks its implementation in
 `lib_vsf.attention_fast` by device, dtype and torch version.
+
+Both take an optional `negative_share` recorder (`lib_vsf.state.NegativeShareMap`, default None): for
+VSF it receives each image query's share of attention mass on the flipped negative, `1 - W` (paper
+eq. 8), averaged over heads, from the call's own log-sum-exps (no second pass). NAG and NASA have no W
+and record nothing (the recorder says the map is undefined for them).
 """
 from __future__ import annotations
 
@@ -58,21 +63,27 @@ def _take(t: torch.Tensor, span) -> torch.Tensor:
     return t[:, :, span] if isinstance(span, slice) else t.index_select(2, span)
 
 
-def joint_attention(q, k, v, layout: TokenLayout, guidance: Guidance, scale=None):
+def joint_attention(q, k, v, layout: TokenLayout, guidance: Guidance, scale=None, negative_share=None):
     """Guided joint attention over a sequence laid out by `layout` (any token order)."""
     if layout.negative_len == 0:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if guidance.method == "vsf":
-        return attention_fast.vsf_joint(q, k, v, layout, guidance.alpha, guidance.beta, scale)
+        if negative_share is None:  # the default call, exactly as without the map
+            return attention_fast.vsf_joint(q, k, v, layout, guidance.alpha, guidance.beta, scale)
+        return attention_fast.vsf_joint(q, k, v, layout, guidance.alpha, guidance.beta, scale,
+                                        negative_share=negative_share)
     return _baseline_joint(q, k, v, layout, guidance, scale)
 
 
-def cross_attention(q, k, v, layout: TokenLayout, guidance: Guidance, scale=None):
+def cross_attention(q, k, v, layout: TokenLayout, guidance: Guidance, scale=None, negative_share=None):
     """Guided cross-attention: image queries over text keys laid out by `layout`."""
     if layout.negative_len == 0:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if guidance.method == "vsf":
-        return attention_fast.vsf_cross(q, k, v, layout, guidance.alpha, guidance.beta, scale)
+        if negative_share is None:
+            return attention_fast.vsf_cross(q, k, v, layout, guidance.alpha, guidance.beta, scale)
+        return attention_fast.vsf_cross(q, k, v, layout, guidance.alpha, guidance.beta, scale,
+                                        negative_share=negative_share)
     batch, device = q.shape[0], q.device
     pos = _take_keys(layout, (POSITIVE,), device)
     z_plus = sdpa(q, _take(k, pos), _take(v, pos), scale=scale)

@@ -26,6 +26,12 @@ steps: the image-row merge (N1 attention + weight + blend in one memory-bound pa
 and the N0 rows (split-key attention over every key but P). They are checked against float32 math on
 first use per device/dtype/head_dim; `VSF_TRITON=0` turns them off. Everything else is unchanged and
 remains the path on CPU, without Triton, or when a kernel fails.
+
+The negative-attention map (`negative_share`, a `lib_vsf.state.NegativeShareMap` or None): the image
+rows' weight of the N1 block, 1 - W = sigmoid(log A- - log A+), is already an intermediate of the
+merge; when a recorder is given its head mean `[B, image tokens]` is handed over (one reduction per
+call). None (the default) adds nothing. The fused Triton merge then also stores the weight into a
+`[B, H, rows]` float32 buffer (its output is computed exactly as without it).
 """
 from __future__ import annotations
 
@@ -361,10 +367,11 @@ def triton_status(device, dtype, head_dim: int) -> dict:
 # Merges
 
 
-def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale):
+def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False):
     """Exactly add a small key block to an attention result: given `out`/`lse` of rows `q` over some
     keys, return the attention of the same rows over those keys plus `k_blk` (logits shifted by -bias,
-    values times value_scale, keys where `valid` [B, n] is False left out). Math in float32."""
+    values times value_scale, keys where `valid` [B, n] is False left out). Math in float32.
+    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32."""
     cd = _compute_dtype(q.dtype)
     s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)) * scale - bias
     if valid is not None:
@@ -374,16 +381,23 @@ def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, val
     w_old = torch.exp(lse - m)
     w_blk = torch.exp(s - m[..., None])
     num = w_old[..., None] * out.to(cd) + value_scale * torch.matmul(w_blk, v_blk.to(cd))
-    return (num / (w_old + w_blk.sum(dim=-1))[..., None]).to(q.dtype)
+    res = (num / (w_old + w_blk.sum(dim=-1))[..., None]).to(q.dtype)
+    if not block_weight:
+        return res
+    mass = w_blk.sum(dim=-1)
+    return res, mass / (w_old + mass)
 
 
-def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None):
+def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None, negative_share=None):
     """VSF image rows: merge Z+ (o_i, lse_i over {I, P}) with the sign-flipped negative block N1.
 
     Unpadded: one maskless call over N1 (values already times -alpha, so it returns -alpha Z-, and its
     LSE is log A- + beta), then Z = lerp(Z+, -alpha Z-, 1 - W) with 1 - W = sigmoid(log A- - log A+)
-    per row: one full-size kernel. Padded negatives: the float32 block merge."""
+    per row: one full-size kernel. Padded negatives: the float32 block merge.
+    `negative_share`: recorder of 1 - W (head mean, [B, rows]) or None."""
     if math.isinf(beta):  # beta = +inf removes N1 entirely: the unguided rows, bit for bit
+        if negative_share is not None:  # A- = 0: no mass on the negative
+            negative_share.add(lse_i.new_zeros(lse_i.shape[0], lse_i.shape[2], dtype=torch.float32))
         if dest is None:
             return o_i
         dest.copy_(o_i)
@@ -391,18 +405,30 @@ def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=N
     mod = _triton_kernel("merge", q_i, lambda m: m.supports_merge(q_i, k_n.shape[2]))
     if mod is not None:  # one fused memory-bound kernel, float32 math, written straight into dest
         try:
-            return mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest)
+            if negative_share is None:
+                return mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest)
+            share = torch.empty(lse_i.shape, device=lse_i.device, dtype=torch.float32)
+            res = mod.image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest, share=share)
+            negative_share.add(share.mean(dim=1))
+            return res
         except Exception as err:  # noqa: BLE001
             _triton_failed("merge", q_i, err)
     if valid is None:
         o_n, lse_n = attention_lse(q_i, k_n, v_n * (-alpha), scale)
         # Weight of the N1 block, 1 - W = A- / (A+ + A-), computed directly (not as 1 - W) so that it
         # keeps its relative precision when cast to a 16-bit dtype; lerp blends in float internally.
-        w_neg = torch.sigmoid(lse_n - beta - lse_i).to(o_i.dtype)[..., None]
+        w_neg = torch.sigmoid(lse_n - beta - lse_i)
+        if negative_share is not None:
+            negative_share.add(w_neg.float().mean(dim=1))
+        w_neg = w_neg.to(o_i.dtype)[..., None]
         if dest is None:
             return torch.lerp(o_i, o_n, w_neg)
         return torch.lerp(o_i, o_n, w_neg, out=dest)
-    res = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale)
+    if negative_share is None:
+        res = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale)
+    else:
+        res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True)
+        negative_share.add(w_neg.float().mean(dim=1))
     if dest is None:
         return res
     dest.copy_(res)
@@ -435,18 +461,19 @@ def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch
 # Public entry points
 
 
-def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """Exact joint-attention VSF (VSF-SPEC.md table) for `[B, H, L, D]` tensors in any token order.
 
     I rows: softmax over {I, P} and N1 (logits - beta, values -alpha v_N); P rows: plain over {I, P};
     N0 rows: over {I, real N0}. Equals `vsf_joint_reference` within dtype tolerance with memory linear
-    in L. Contiguous token groups are used as views; other orders fall back to index_select."""
+    in L. Contiguous token groups are used as views; other orders fall back to index_select.
+    `negative_share`: optional recorder of the image rows' 1 - W (module docstring)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     length, neg, pos = layout.length, layout.negative, layout.positive
     if q.shape[2] != length:
         raise ValueError(f"sequence has {q.shape[2]} tokens, layout describes {length}")
     image_pieces = _gaps(length, (pos, neg))
-    if not image_pieces:  # no image tokens: a text-only call, tiny; the dense reference is fine
+    if not image_pieces:  # no image tokens: a text-only call, tiny; the dense reference is fine (no map)
         return vsf_joint_reference(q, k, v, layout, alpha, beta, scale)
     if layout.negative_len == 0:
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
@@ -467,9 +494,11 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     o_i, lse_i = _take(o_ip, image_in_ip), lse_ip[:, :, image_in_ip]
     q_i = _take(q, image)
     if isinstance(image, slice):
-        _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=out[:, :, image])
+        _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=out[:, :, image],
+                        negative_share=negative_share)
     else:
-        _put(out, image, _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale))
+        _put(out, image, _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale,
+                                         negative_share=negative_share))
 
     # N0 rows (few queries): one SDPA call over the whole sequence with an n x L key mask (no copies).
     _negative_rows_into(q_n, k, v, layout, valid, scale, out[:, :, neg])
@@ -528,14 +557,32 @@ def _vsf_cross_sdpa(q, k, v, layout: TokenLayout, alpha: float, beta: float, sca
     return F.scaled_dot_product_attention(q, k, values, attn_mask=bias[:, None, None, :], scale=scale)
 
 
-def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+def _cross_share_from_logits(q, k, layout: TokenLayout, beta: float, scale) -> torch.Tensor:
+    """1 - W of cross-attention queries from the logits alone ([B, Lq], head mean), for the general
+    single-SDPA form, which returns no LSE. Text keys are few, so the [B, H, Lq, Lk] logits are small;
+    the output itself is not recomputed."""
+    cd = _compute_dtype(q.dtype)
+    roles = layout.roles(q.device)
+    s = torch.matmul(q.to(cd), k.to(cd).transpose(-1, -2)) * scale
+    neg_s = s[..., roles == NEGATIVE] - beta
+    neg_s = neg_s.masked_fill(~layout.negative_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
+    lse_n = torch.logsumexp(neg_s, dim=-1)
+    lse_p = torch.logsumexp(s[..., roles == 1], dim=-1)  # -inf without positive keys: the share is 1
+    return torch.sigmoid(lse_n - lse_p).mean(dim=1)
+
+
+def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """Exact cross-attention VSF (paper eq. 9): image queries over text keys `[P, N]` laid out by
     `layout`: softmax([s_P, s_N - beta]) [V_P; -alpha V_N]. One maskless pass over P with its LSE,
-    merged with the negative block; the general single-SDPA form covers unusual layouts."""
+    merged with the negative block; the general single-SDPA form covers unusual layouts.
+    `negative_share`: optional recorder of every query's 1 - W (module docstring)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     if layout.negative_len == 0 or layout.positive_len == 0 or _gaps(layout.length, (layout.positive, layout.negative)):
+        if negative_share is not None and layout.negative_len:
+            negative_share.add(_cross_share_from_logits(q, k, layout, beta, scale))
         return _vsf_cross_sdpa(q, k, v, layout, alpha, beta, scale)
     valid = _padding_mask(layout, q.shape[0], q.device)
     pos, neg = layout.positive, layout.negative
     o_p, lse_p = attention_lse(q, k[:, :, pos], v[:, :, pos], scale)
-    return _image_rows_vsf(o_p, lse_p, q, k[:, :, neg], v[:, :, neg], alpha, beta, valid, scale)
+    return _image_rows_vsf(o_p, lse_p, q, k[:, :, neg], v[:, :, neg], alpha, beta, valid, scale,
+                           negative_share=negative_share)

@@ -14,6 +14,10 @@ the negative tokens N0, values = -alpha x their values. Who sees whom:
 
 Cross-attention (VSF, paper eq. 9): image queries over `[P, N]` with the N logits shifted by -beta and
 the N values multiplied by -alpha.
+
+Both VSF functions take an optional `negative_share` recorder (see `lib_vsf.state.NegativeShareMap`):
+when given, it receives, per image query, the softmax mass on the negative keys, `1 - W` (paper eq. 8),
+averaged over heads, `[B, image tokens]` in sequence order. It is read off the same softmax.
 """
 from __future__ import annotations
 
@@ -28,16 +32,21 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def masked_attention(q, k, v, allow, bias=None, scale=None):
+def masked_attention(q, k, v, allow, bias=None, scale=None, weights_on=None):
     """softmax(q k^T * scale + bias, masked to `allow`) v. `allow`: bool, broadcastable to
-    [B, H, Lq, Lk]; `bias`: additive logits of the same shape or None."""
+    [B, H, Lq, Lk]; `bias`: additive logits of the same shape or None. With `weights_on` (bool [Lk]),
+    returns (output, [B, H, Lq] softmax mass on those keys)."""
     dtype = _compute_dtype(q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     logits = torch.matmul(q.to(dtype), k.to(dtype).transpose(-1, -2)) * scale
     if bias is not None:
         logits = logits + bias.to(dtype)
     logits = logits.masked_fill(~allow, float("-inf"))
-    return torch.matmul(torch.softmax(logits, dim=-1), v.to(dtype))
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.matmul(probs, v.to(dtype))
+    if weights_on is None:
+        return out
+    return out, probs[..., weights_on].sum(dim=-1)
 
 
 def _key_allow(layout: TokenLayout, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,7 +70,7 @@ def plain_rows(q, k, v, layout: TokenLayout, scale=None):
     return masked_attention(q, k, v, allow, scale=scale)
 
 
-def vsf_joint_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+def vsf_joint_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """VSF in joint attention, built exactly as the table in the module docstring."""
     batch, _, length, _ = q.shape
     device = q.device
@@ -80,10 +89,16 @@ def vsf_joint_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float,
 
     bias = torch.zeros(length, length + layout.negative_len, dtype=dtype, device=device)
     bias[:, length:] = -beta
-    return masked_attention(q, keys, values, allow, bias, scale=scale).to(q.dtype)
+    if negative_share is None:
+        return masked_attention(q, keys, values, allow, bias, scale=scale).to(q.dtype)
+    on_n1 = torch.zeros(length + layout.negative_len, dtype=torch.bool, device=device)
+    on_n1[length:] = True
+    out, mass = masked_attention(q, keys, values, allow, bias, scale=scale, weights_on=on_n1)
+    negative_share.add(mass[:, :, roles == IMAGE].mean(dim=1))
+    return out.to(q.dtype)
 
 
-def vsf_cross_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None):
+def vsf_cross_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """VSF in cross-attention (paper eq. 9): softmax([s_P, s_N - beta]) [V_P; -alpha V_N].
     `layout` describes the keys; queries are all image tokens."""
     batch = q.shape[0]
@@ -96,7 +111,11 @@ def vsf_cross_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float,
     is_negative = roles == NEGATIVE
     bias = torch.where(is_negative, -beta, 0.0).to(dtype)
     value_scale = torch.where(is_negative, -alpha, 1.0).to(dtype)[:, None]
-    return masked_attention(q, k, v.to(dtype) * value_scale, allow, bias, scale=scale).to(q.dtype)
+    if negative_share is None:
+        return masked_attention(q, k, v.to(dtype) * value_scale, allow, bias, scale=scale).to(q.dtype)
+    out, mass = masked_attention(q, k, v.to(dtype) * value_scale, allow, bias, scale=scale, weights_on=is_negative)
+    negative_share.add(mass.mean(dim=1))
+    return out.to(q.dtype)
 
 
 def _guided_parts(q, k, v, layout: TokenLayout, cross: bool, negative_sees_image: bool, scale=None):

@@ -62,7 +62,7 @@ if AVAILABLE:
 
     @triton.jit
     def _image_merge_kernel(
-        q_ptr, o_ptr, lse_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
+        q_ptr, o_ptr, lse_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, share_ptr,
         H, L, N, D,
         sqb, sqh, sql, sqd,
         sob, soh, sol, sod,
@@ -71,8 +71,9 @@ if AVAILABLE:
         svb, svh, svn, svd,
         smb, smn,
         sxb, sxh, sxl, sxd,
+        ssb, ssh, ssl,
         scale, beta, alpha,
-        HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_VALID: tl.constexpr, STORE_SHARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
@@ -112,6 +113,8 @@ if AVAILABLE:
         has = l > 0.0
         lse_n = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))  # log A-
         w_neg = 1.0 / (1.0 + tl.exp(lse_i - lse_n))  # A- / (A+ + A-), directly; 0 when A- = 0
+        if STORE_SHARE:  # the negative-attention map's 1 - W, per (batch, head, row)
+            tl.store(share_ptr + b * ssb + h * ssh + rows64 * ssl, w_neg, mask=rmask)
         z_neg = acc / tl.where(has, l, 1.0)[:, None]
         o = tl.load(o_ptr + b * sob + h * soh + rows64[:, None] * sol + cols[None, :] * sod,
                     mask=tile, other=0.0).to(tl.float32)
@@ -121,7 +124,7 @@ if AVAILABLE:
 
     @triton.jit
     def _image_merge_dot_kernel(
-        q_ptr, o_ptr, lse_ptr, k_ptr, v_ptr, valid_ptr, out_ptr,
+        q_ptr, o_ptr, lse_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, share_ptr,
         H, L, N, D,
         sqb, sqh, sql, sqd,
         sob, soh, sol, sod,
@@ -130,8 +133,10 @@ if AVAILABLE:
         svb, svh, svn, svd,
         smb, smn,
         sxb, sxh, sxl, sxd,
+        ssb, ssh, ssl,
         scale, beta, alpha,
-        HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_VALID: tl.constexpr, STORE_SHARE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """The merge for 16-bit inputs with tensor-core dots over blocks of negative keys. Logits are
         exact products accumulated in float32 (as in the attention kernels); the probabilities are
@@ -179,6 +184,8 @@ if AVAILABLE:
         has = l > 0.0
         lse_n = tl.where(has, m + tl.log(tl.where(has, l, 1.0)), float("-inf"))
         w_neg = 1.0 / (1.0 + tl.exp(lse_i - lse_n))
+        if STORE_SHARE:
+            tl.store(share_ptr + b * ssb + h * ssh + rows64 * ssl, w_neg, mask=rmask)
         z_neg = acc / tl.where(has, l, 1.0)[:, None]
         o = tl.load(o_ptr + b * sob + h * soh + rows64[:, None] * sol + cols[None, :] * sod,
                     mask=tile, other=0.0).to(tl.float32)
@@ -285,28 +292,31 @@ def _dot_merge(dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "") != "1"
 
 
-def image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None):
+def image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None, share=None):
     """Fused VSF image-row merge (see the module docstring); same contract as
-    `attention_fast._image_rows_vsf` for finite beta. Returns `dest` (written in place) or a new tensor."""
+    `attention_fast._image_rows_vsf` for finite beta. Returns `dest` (written in place) or a new tensor.
+    `share`: a float32 [B, H, L] tensor that also receives 1 - W per row (the negative-attention map);
+    the output is computed exactly as without it."""
     batch, heads, length, dim = q_i.shape
     n = k_n.shape[2]
     out = torch.empty_like(o_i) if dest is None else dest
     if length == 0 or batch * heads == 0:
         return out
     valid_t, smb, smn = _valid_arg(valid, q_i)
+    share_t, share_strides = (lse_i, (0, 0, 0)) if share is None else (share, share.stride())  # never written without
     block_d = max(16, _pow2(dim))
-    args = (q_i, o_i, lse_i, k_n, v_n, valid_t, out, heads, length, n, dim,
+    args = (q_i, o_i, lse_i, k_n, v_n, valid_t, out, share_t, heads, length, n, dim,
             *q_i.stride(), *o_i.stride(), *lse_i.stride(), *k_n.stride(), *v_n.stride(), smb, smn, *out.stride(),
-            float(scale), float(beta), float(alpha))
+            *share_strides, float(scale), float(beta), float(alpha))
     if _dot_merge(q_i.dtype) and dim >= 16:
         block_m = 64
         _image_merge_dot_kernel[(triton.cdiv(length, block_m), batch * heads)](
-            *args, HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_N=16, BLOCK_D=block_d,
-            num_warps=4 if block_d <= 64 else 8)
+            *args, HAS_VALID=valid is not None, STORE_SHARE=share is not None, BLOCK_M=block_m, BLOCK_N=16,
+            BLOCK_D=block_d, num_warps=4 if block_d <= 64 else 8)
     else:
         block_m = 64 if block_d <= 64 else 32
         _image_merge_kernel[(triton.cdiv(length, block_m), batch * heads)](
-            *args, HAS_VALID=valid is not None, BLOCK_M=block_m, BLOCK_D=block_d,
+            *args, HAS_VALID=valid is not None, STORE_SHARE=share is not None, BLOCK_M=block_m, BLOCK_D=block_d,
             num_warps=4 if block_d <= 64 else 8)
     return out
 

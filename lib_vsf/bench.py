@@ -10,6 +10,7 @@ optionally writes JSON (median ms, ratio to unguided, peak memory).
     python -m lib_vsf.bench                                   # tiny preset on CPU
     python -m lib_vsf.bench --preset sd35-large --json out.json   # on a GPU, bf16
     python -m lib_vsf.bench --preset flux-dev --attention-only
+    python -m lib_vsf.bench --negative-map --ab-rounds 5       # + the negative-attention map's cost
 
 The whole-forward part installs the processors of `lib_vsf.diffusers` on the bare transformer (see
 `guided_inputs`); without diffusers it is skipped and says why.
@@ -42,7 +43,8 @@ METHODS = {  # name -> Guidance used for the attention call and the forward
     "nag": Guidance("nag", 4.0, 0.125, 2.5),
     "nasa": Guidance("nasa", 0.15, 0.0),
 }
-ROWS = ("unguided", "cfg", "vsf_reference", "vsf_dense_sdpa", "vsf_fast", "vsf_fast_torch", "nag", "nasa")
+ROWS = ("unguided", "cfg", "vsf_reference", "vsf_dense_sdpa", "vsf_fast", "vsf_fast_torch", "vsf_fast_map", "nag",
+        "nasa")  # vsf_fast_map: vsf_fast recording the negative-attention map (--negative-map)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -182,7 +184,7 @@ def _heads_view(batch, heads, length, dim, device, dtype, gen):
 
 
 def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True,
-                      profile=False) -> tuple[dict, dict]:
+                      profile=False, negative_map=False) -> tuple[dict, dict]:
     """Time every method on one attention call; return (timings, numerical checks)."""
     gen = torch.Generator().manual_seed(0)
     li, lp, n, h, d = p.image_tokens, p.positive_tokens, p.negative_tokens, p.heads, p.head_dim
@@ -198,7 +200,7 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
         q, k, v = (_heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
         keep = slice(n, length) if p.negative_first else slice(0, li + lp)  # {I, P}: contiguous in both
         qu, ku, vu = q[:, :, keep], k[:, :, keep], v[:, :, keep]
-        guided = lambda g: joint_attention(q, k, v, layout, g)  # noqa: E731
+        guided = lambda g, **kw: joint_attention(q, k, v, layout, g, **kw)  # noqa: E731
         ref_fn = lambda: vsf_joint_reference(q, k, v, layout, alpha, beta)  # noqa: E731
         dense_fn = lambda: dense.joint(q, k, v, layout, alpha, beta)  # noqa: E731
         ref_bytes = 4 * 4 * batch * h * length * (length + n)
@@ -208,7 +210,7 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
         q = _heads_view(batch, h, li, d, device, dtype, gen)
         k, v = (_heads_view(batch, h, lp + n, d, device, dtype, gen) for _ in range(2))
         qu, ku, vu = q, k[:, :, :lp], v[:, :, :lp]
-        guided = lambda g: cross_attention(q, k, v, layout, g)  # noqa: E731
+        guided = lambda g, **kw: cross_attention(q, k, v, layout, g, **kw)  # noqa: E731
         ref_fn = lambda: vsf_cross_reference(q, k, v, layout, alpha, beta)  # noqa: E731
         dense_fn = lambda: attention_fast._vsf_cross_sdpa(q, k, v, layout, alpha, beta)  # noqa: E731
         ref_bytes = 4 * 4 * batch * h * li * (lp + n)
@@ -235,6 +237,12 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
     res["vsf_fast"] = timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm)
     with triton_disabled():
         res["vsf_fast_torch"] = timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm)
+    if negative_map:
+        from .state import NegativeShareMap
+
+        recorder = NegativeShareMap()
+        res["vsf_fast_map"] = timed(lambda: guided(METHODS["vsf"], negative_share=recorder), device, warmup,
+                                    repeats, bm)
     res["nag"] = timed(lambda: guided(METHODS["nag"]), device, warmup, repeats, bm)
     res["nasa"] = timed(lambda: guided(METHODS["nasa"]), device, warmup, repeats, bm)
 
@@ -258,6 +266,10 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
             plain32 = F.scaled_dot_product_attention(qu.float(), ku.float(), vu.float())
             check["unguided_kernel_vs_float32_max_abs"] = float((plain - plain32).abs().max())
             del want, plain, plain32
+        if negative_map:  # the map must not change the call's output
+            mapped = guided(METHODS["vsf"], negative_share=NegativeShareMap()).float()
+            check["vsf_fast_map_vs_fast_max_abs"] = float((mapped - fast).abs().max())
+            check["vsf_fast_map_overhead"] = round(res["vsf_fast_map"]["median_ms"] / res["vsf_fast"]["median_ms"], 4)
         check["backend"] = attention_fast.select_backend(q.device, q.dtype, d)[0]
         check["triton"] = triton_report(q.device, q.dtype, d)
 
@@ -304,7 +316,8 @@ def _profile(fn, device) -> str | None:
 
 
 @contextlib.contextmanager
-def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: torch.Tensor):
+def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: torch.Tensor,
+                  negative_map: bool = False):
     """Install `lib_vsf.diffusers`' processors of the preset's family on a bare transformer for one
     step with `negative` [B, n, E] appended to the text stream; yields the forward kwargs. The
     original processors are restored on exit. Isolated here: this is the only place that knows the
@@ -318,6 +331,8 @@ def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: 
     adapter = next(f() for f in FAMILIES if f.family == p.family)
     settings = VSFSettings(guidance.method, alpha=guidance.alpha, beta=guidance.beta, tau=guidance.tau)
     run = GuidanceRun(settings, negative_first=adapter.negative_first)
+    if negative_map:
+        run.record_negative_map()
     (_, table), = adapter.denoisers(SimpleNamespace(transformer=model))  # what holds the processors
     originals = dict(table.attn_processors)
     ours = {name: adapter.processor_for(name, proc, run) or proc for name, proc in originals.items()}
@@ -350,7 +365,7 @@ def _batch2(kwargs: dict, batch: int) -> dict:
 
 
 def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True, ab_rounds=0,
-                    profile=False) -> tuple[dict, dict]:
+                    profile=False, negative_map=False) -> tuple[dict, dict]:
     """Time one whole transformer forward per method; return (timings, checks). Needs diffusers.
 
     `ab_rounds`: then also time unguided / vsf_fast / vsf_fast_torch round-robin (5 forwards each per
@@ -387,6 +402,8 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
                                                 else p.image_tokens * (p.positive_tokens + p.negative_tokens))
         dense = DenseSdpaVSF()
         variants = [("vsf_fast", "vsf", {}), ("vsf_fast_torch", "vsf", {}), ("nag", "nag", {}), ("nasa", "nasa", {})]
+        if negative_map:
+            variants.insert(2, ("vsf_fast_map", "vsf", {}))
         if reference and _fits(ref_bytes, device):
             variants.append(("vsf_reference", "vsf", dict(joint=vsf_joint_reference, cross=vsf_cross_reference)))
         else:
@@ -394,21 +411,27 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
         if p.kind == "joint":
             variants.append(("vsf_dense_sdpa", "vsf", dict(joint=dense.joint)))
         for name, method, impl in variants:
-            with guided_inputs(model, p, METHODS[method], kwargs, negative) as gkw, vsf_implementation(**impl), \
+            with guided_inputs(model, p, METHODS[method], kwargs, negative, name == "vsf_fast_map") as gkw, \
+                    vsf_implementation(**impl), \
                     triton_disabled(name == "vsf_fast_torch"):
                 slow = name == "vsf_reference"
                 res[name] = timed(lambda: fwd(gkw), device, 1 if slow else warmup,
                                   max(1, min(3, repeats)) if slow else repeats, bm)
-                if name in ("vsf_fast", "vsf_fast_torch", "vsf_reference"):
+                if name in ("vsf_fast", "vsf_fast_torch", "vsf_reference", "vsf_fast_map"):
                     outputs[name] = fwd(gkw).float()
         if ab_rounds:
             ab = {"unguided": [], "vsf_fast": [], "vsf_fast_torch": []}
+            if negative_map:
+                ab["vsf_fast_map"] = []
             for _ in range(ab_rounds):
                 ab["unguided"].append(timed(lambda: fwd(kwargs), device, 1, 5)["median_ms"])
                 with guided_inputs(model, p, METHODS["vsf"], kwargs, negative) as gkw:
                     for name in ("vsf_fast", "vsf_fast_torch"):
                         with triton_disabled(name == "vsf_fast_torch"):
                             ab[name].append(timed(lambda: fwd(gkw), device, 1, 5)["median_ms"])
+                if negative_map:
+                    with guided_inputs(model, p, METHODS["vsf"], kwargs, negative, True) as gkw:
+                        ab["vsf_fast_map"].append(timed(lambda: fwd(gkw), device, 1, 5)["median_ms"])
             base = statistics.median(ab["unguided"])
             checks["ab_interleaved"] = {name: {"median_ms": round(statistics.median(t), 4),
                                                "ratio": round(statistics.median(t) / base, 3),
@@ -426,6 +449,9 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
             err = (outputs["vsf_fast_torch"] - outputs["vsf_reference"]).abs()
             checks["vsf_fast_torch_vs_reference_max_abs"] = float(err.max())
             checks["vsf_fast_torch_vs_reference_mean_abs"] = float(err.mean())
+        if "vsf_fast_map" in outputs:  # the map must not change the forward (torch path: bit for bit)
+            checks["vsf_fast_map_vs_fast_max_abs"] = float((outputs["vsf_fast_map"] - outputs["vsf_fast"]).abs().max())
+            checks["vsf_fast_map_overhead"] = round(res["vsf_fast_map"]["median_ms"] / res["vsf_fast"]["median_ms"], 4)
     checks["skipped"] = skipped
     del model
     if device.type == "cuda":
@@ -465,6 +491,9 @@ def main(argv=None) -> int:
                     help="print a CUDA kernel table of the fast VSF call (disturbs later timings: run alone)")
     ap.add_argument("--ab-rounds", type=int, default=0,
                     help="also time unguided / vsf_fast / vsf_fast_torch forwards round-robin, this many rounds")
+    ap.add_argument("--negative-map", action="store_true",
+                    help="also time vsf_fast recording the negative-attention map (row vsf_fast_map; with --ab-rounds, "
+                         "round-robin too)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -498,7 +527,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.forward_only:
         rows, extra = attention_section(preset, device, dtype, warmup, args.repeats or 30, args.batch,
-                                        not args.no_reference, args.profile)
+                                        not args.no_reference, args.profile, args.negative_map)
         out["attention"], out["attention_backends"] = rows, extra["backends"]
         out["attention_profile"] = extra["profile"]
         if extra["profile"]:
@@ -514,7 +543,7 @@ def main(argv=None) -> int:
     if not args.attention_only:
         rows, checks = forward_section(preset, device, dtype, 2 if args.repeats == 1 else min(warmup, 3),
                                        args.repeats or 10, args.batch, not args.no_reference, args.ab_rounds,
-                                       args.profile)
+                                       args.profile, args.negative_map)
         out["forward"], out["check"]["forward"] = rows, checks
         if rows:
             print(_table(f"whole transformer forward ({preset.name})", rows))

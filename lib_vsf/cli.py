@@ -8,7 +8,10 @@ and writes a PNG (video families: GIF or MP4) with the parameters as WebUI infot
 prompt gives the plain unguided image, and its infotext has no VSF keys. `--compare` writes one labelled
 grid, unguided | VSF | NAG | NASA: every column shares the step window and lambda, each method keeps its
 own numbers (the ones given, when it is the chosen method; else its preset / the family default), and
-the infotext records every column (`compare_infotext`).
+the infotext records every column (`compare_infotext`). `--show-map` also writes `NAME.map.png`: where
+the negative acts (the per-token share of attention on the flipped negative, 1 - W, as a heatmap over
+the image with its mean and max), and with `--compare` adds a "VSF map" column. VSF only: NAG and NASA
+have no W.
 """
 from __future__ import annotations
 
@@ -51,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", help="cuda / cpu / mps (default: cuda if available)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--compare", action="store_true", help="write one grid: unguided | VSF | NAG | NASA")
+    gen.add_argument("--show-map", action="store_true",
+                     help="also write NAME.map.png: where the negative acts (VSF only); with --compare, a map column")
     gen.add_argument("--out", default="vsf.png", help="output path (.png; videos .gif or .mp4)")
 
     sub.add_parser("presets", help="list presets and per-family defaults")
@@ -128,14 +133,37 @@ def compare_infotext(columns: list[tuple[str, VSFSettings | None]]) -> dict[str,
     return out
 
 
-def _run(pipe, adapter, args, settings: VSFSettings | None):
+def _run(pipe, adapter, args, settings: VSFSettings | None, negative_map: bool = False):
+    """(image or frames, is_video, negative map of the first image or None)."""
     from .diffusers import VSFGuidance
 
     kwargs = _call_kwargs(args, pipe, args.seed)
     if settings is None:
-        return _frames(pipe(prompt=args.prompt, **adapter.single_pass_kwargs(kwargs)))
-    with VSFGuidance(pipe, args.negative, settings) as vsf:
-        return _frames(vsf(prompt=args.prompt, **kwargs))
+        return (*_frames(pipe(prompt=args.prompt, **adapter.single_pass_kwargs(kwargs))), None)
+    with VSFGuidance(pipe, args.negative, settings, negative_map=negative_map) as vsf:
+        result = _frames(vsf(prompt=args.prompt, **kwargs))
+        share = vsf.negative_map()
+    return (*result, None if share is None else share[0])
+
+
+def map_unavailable(settings: VSFSettings | None) -> str | None:
+    """Why `--show-map` cannot draw a map for this run, or None when it can."""
+    if settings is None:
+        return "the negative prompt is empty: there is no negative to map"
+    if settings.method != "vsf":
+        return (f"the negative-attention map is defined for VSF only ({settings.method.upper()} has no "
+                "attention weight W on the negative); no map written")
+    return None
+
+
+def _write_map(image, share, path: Path, text: str) -> Path:
+    from .output import negative_map_image, negative_share_figure, save_png
+    from .settings import _quote
+
+    figure = negative_share_figure(share)
+    written = save_png(negative_map_image(image, share), path, f"{text}, VSF map: {_quote(figure)}")
+    print(f"map: {written} ({figure})", file=sys.stderr)
+    return written
 
 
 def _params(args, settings: VSFSettings | None, size) -> dict[str, object]:
@@ -162,21 +190,40 @@ def generate(args) -> Path:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:
+        from .output import negative_map_image, negative_share_figure
+
         columns = compare_columns(settings, adapter.family)
-        images = []
+        images, labels, vsf_map = [], [compare_label(label, column) for label, column in columns], None
         for label, column in columns:
             print(f"[{len(images) + 1}/{len(columns)}] {label}", file=sys.stderr, flush=True)
-            image, is_video = _run(pipe, adapter, args, column)
+            wants_map = args.show_map and column is not None and column.method == "vsf"
+            image, is_video, share = _run(pipe, adapter, args, column, negative_map=wants_map)
             images.append(image[0] if is_video else image)  # videos: compare first frames
-        grid = labelled_grid(images, [compare_label(label, column) for label, column in columns])
+            if share is not None:
+                vsf_map = (images[-1], share)
+        if vsf_map is not None:  # one more column: where the VSF column's negative acted
+            images.append(negative_map_image(*vsf_map, caption=False))
+            figure = negative_share_figure(vsf_map[1])
+            numbers = figure.split(": ", 1)[1].split(" (", 1)[0].replace(",", "")
+            labels.append(f"VSF map {numbers}" + (" (tiny)" if "tiny" in figure else ""))
+        elif args.show_map:
+            print("note: no map column: the VSF column recorded no map", file=sys.stderr)
+        grid = labelled_grid(images, labels)
         params = {**_params(args, settings, images[0].size), **compare_infotext(columns)}
         return save_png(grid, out.with_suffix(".png"), infotext(args.prompt, args.negative, params))
     if not guided:
         print("note: the negative prompt is empty: writing the plain unguided image (no VSF parameters)",
               file=sys.stderr)
         settings = None
-    image, is_video = _run(pipe, adapter, args, settings)
+    unavailable = map_unavailable(settings) if args.show_map else None
+    if unavailable:
+        print(f"note: {unavailable}", file=sys.stderr)
+    image, is_video, share = _run(pipe, adapter, args, settings, negative_map=args.show_map and not unavailable)
     text = infotext(args.prompt, args.negative, _params(args, settings, (image[0] if is_video else image).size))
+    if share is not None:
+        _write_map(image[0] if is_video else image, share, out.with_suffix(".map.png"), text)
+    elif args.show_map and not unavailable:
+        print("note: no map: no attention call was guided (step window?)", file=sys.stderr)
     if is_video:
         return save_video(image, out if out.suffix.lower() in (".gif", ".mp4") else out.with_suffix(".gif"), text)
     return save_png(image, out.with_suffix(".png") if out.suffix.lower() != ".png" else out, text)

@@ -1,4 +1,5 @@
-"""Writing results: PNGs and GIF/MP4 videos carrying WebUI-style infotext, and labelled comparison grids."""
+"""Writing results: PNGs and GIF/MP4 videos carrying WebUI-style infotext, labelled comparison grids, and
+the negative-attention heatmap ("where the negative acts") with its one-line figure."""
 from __future__ import annotations
 
 import math
@@ -142,3 +143,72 @@ def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str]) -> Image
                 draw.text((x, LABEL_MARGIN + j * line), word, fill="black", font=font)
                 x += _text_width(font, word) + _word_gap(font)
     return grid
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where the negative acts: heatmap of the negative share 1 - W over the image
+
+TINY_SHARE = 0.02  # below this maximum share the negative barely reaches the image
+# Colour ramp of the heatmap (share 0 -> dark blue, the map's maximum -> yellow): readable over any image.
+_RAMP = ((0.0, (20, 20, 70)), (0.35, (120, 30, 140)), (0.7, (235, 90, 40)), (1.0, (255, 235, 60)))
+
+
+def negative_share_figure(share) -> str:
+    """The one-line figure of a map (a tensor or array of shares in [0, 1]): mean and max negative
+    share in percent, and, when the share is tiny, that it is and what to change."""
+    mean, peak = float(share.mean()), float(share.max())
+    line = f"negative share: mean {100 * mean:.2f}%, max {100 * peak:.2f}%"
+    if peak < TINY_SHARE:
+        line += " (tiny: the negative barely acts; raise alpha or lower beta)"
+    return line
+
+
+def _heat_colours(values):
+    """[h, w] values in [0, 1] -> [h, w, 3] uint8 along _RAMP."""
+    import numpy as np
+
+    xs = [x for x, _ in _RAMP]
+    channels = [np.interp(values, xs, [c[i] for _, c in _RAMP]) for i in range(3)]
+    return np.stack(channels, axis=-1).round().astype("uint8")
+
+
+MAP_MIN_WIDTH = 256  # a captioned map of a small image is enlarged to this width so the figure reads on one line
+
+
+def negative_map_image(image: Image.Image, share, caption: bool = True) -> Image.Image:
+    """The heatmap of `share` ([h, w] on the latent token grid; [frames, h, w] is averaged over frames)
+    blended over `image`, scaled to the map's own maximum, with the one-line figure under it
+    (`caption`; small images are then enlarged to MAP_MIN_WIDTH)."""
+    import numpy as np
+
+    values = np.asarray(share.float().cpu() if hasattr(share, "cpu") else share, dtype="float64")
+    if values.ndim == 3:
+        values = values.mean(axis=0)
+    peak = float(values.max()) if values.size else 0.0
+    scaled = values / peak if peak > 0 else np.zeros_like(values)
+    heat = Image.fromarray(_heat_colours(scaled), "RGB").resize(image.size, Image.BILINEAR)
+    base = image.convert("L").convert("RGB")
+    blended = Image.blend(base, heat, 0.6)
+    if not caption:
+        return blended
+    if blended.width < MAP_MIN_WIDTH:
+        factor = MAP_MIN_WIDTH / blended.width
+        blended = blended.resize((MAP_MIN_WIDTH, max(1, round(blended.height * factor))), Image.NEAREST)
+    return caption_below(blended, negative_share_figure(values))
+
+
+def caption_below(image: Image.Image, text: str) -> Image.Image:
+    """`image` over a white strip with `text` wrapped to its width (the fonts of `labelled_grid`)."""
+    font, column = _label_layout([text], image.width, image.height)
+    pad = _label_pad(font)
+    lines = wrap_label(text, font, column - 2 * pad)
+    line = _line_height(font)
+    out = Image.new("RGB", (column, image.height + len(lines) * line + 2 * LABEL_MARGIN), "white")
+    out.paste(image.convert("RGB"), ((column - image.width) // 2, 0))
+    draw = ImageDraw.Draw(out)
+    for j, words in enumerate(lines):
+        x = pad
+        for word in words:
+            draw.text((x, image.height + LABEL_MARGIN + j * line), word, fill="black", font=font)
+            x += _text_width(font, word) + _word_gap(font)
+    return out

@@ -3,13 +3,17 @@
 A `GuidanceRun` is created once per generation (never stored on a class), filled with the negative
 prompt's token counts and the current step, and read by the attention processors / host patches to
 build the `TokenLayout` and `Guidance` of each call. `NegativeText` holds encoded negative prompts for a
-batch, padded to the longest with a mask.
+batch, padded to the longest with a mask. `NegativeShareMap` (optional, `GuidanceRun.negative_map`) is
+the running "where the negative acts" map of one generation; `LatentGrid` tells it where the image
+tokens sit.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from .attention import Guidance
 from .layout import TokenLayout, text_layout
@@ -67,6 +71,108 @@ class NegativeText:
         return NegativeText(self.embeds.to(device=device, dtype=dtype), self.mask.to(device))
 
 
+@dataclass(frozen=True)
+class LatentGrid:
+    """Where a model's image tokens sit: `frames` x `height` x `width` tokens at the finest attention
+    resolution (after patchifying / packing), frame-major then row-major. `video`: frames is a real
+    axis (kept in the map's shape)."""
+
+    frames: int
+    height: int
+    width: int
+    video: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.frames * self.height * self.width
+
+    def shape_for(self, tokens: int) -> tuple[int, int, int] | None:
+        """(frames, h, w) of an attention layer holding `tokens` image tokens: the grid itself or the
+        grid downsampled by 2, 4, ... (UNet levels; odd sizes round up), None when nothing fits."""
+        for factor in (1, 2, 4, 8, 16, 32):
+            shape = (self.frames, -(-self.height // factor), -(-self.width // factor))
+            if shape[0] * shape[1] * shape[2] == tokens:
+                return shape
+        return None
+
+
+NEGATIVE_MAP_UNDEFINED = ("the negative-attention map is defined for VSF only: {method} has no attention "
+                          "weight W on the negative (paper eq. 8)")
+
+
+class NegativeShareMap:
+    """Where the negative acts: per image token, the share of attention mass on the flipped negative,
+    1 - W = A- / (A+ + A-) (paper eq. 8), averaged over heads (by the attention call), over the guided
+    attention layers of a step, and over the guided steps.
+
+    The attention functions hand over one `[B, image tokens]` float32 tensor per call (`add`); this
+    keeps a running sum and a call count per step (and per token count: UNet levels differ), so memory
+    is O(image tokens) per step, never per layer. `step_of` returns the current step (the run's).
+    A new pass through the same object should call `reset()` first. `undefined_reason` is set for
+    methods without W (NAG, NASA): nothing is recorded and the readers return None / {}.
+    """
+
+    def __init__(self, step_of: Callable[[], int] = lambda: 0, undefined_reason: str | None = None):
+        self._step_of = step_of
+        self.undefined_reason = undefined_reason
+        self.grid: LatentGrid | None = None
+        self._sums: dict[int, dict[int, list]] = {}  # step -> image tokens -> [sum [B, L], calls]
+
+    def reset(self) -> None:
+        self._sums = {}
+
+    def add(self, share: torch.Tensor) -> None:
+        """Record one attention call's head-mean share, `[B, image tokens]`."""
+        if self.undefined_reason is not None:
+            return
+        share = share.detach().float()
+        per_step = self._sums.setdefault(int(self._step_of()), {})
+        entry = per_step.get(share.shape[-1])
+        if entry is None or entry[0].shape != share.shape:  # first call (or another batch size)
+            per_step[share.shape[-1]] = [share.clone(), 1]
+        else:
+            entry[0].add_(share)
+            entry[1] += 1
+
+    @property
+    def steps(self) -> list[int]:
+        """The steps that recorded at least one guided attention call, in order."""
+        return sorted(self._sums)
+
+    def _step_map(self, per_tokens: dict[int, list]) -> torch.Tensor:
+        """One step's mean over its calls: [B, h, w] (image grid), [B, frames, h, w] (video grid), or
+        [B, tokens] without a grid (then only the finest level, the others cannot be placed)."""
+        grid = self.grid
+        shaped = None if grid is None else {n: grid.shape_for(n) for n in per_tokens}
+        if shaped is None or any(v is None for v in shaped.values()):
+            finest = max(per_tokens)
+            total, calls = per_tokens[finest]
+            return total / calls
+        acc, calls_all = None, 0
+        for n, (total, calls) in per_tokens.items():
+            frames, h, w = shaped[n]
+            level = total.reshape(total.shape[0] * frames, 1, h, w)
+            if (h, w) != (grid.height, grid.width):  # a coarser UNet level: resampled to the grid
+                level = F.interpolate(level, size=(grid.height, grid.width), mode="bilinear", align_corners=False)
+            acc = level if acc is None else acc + level  # sums of calls, so levels weigh by call count
+            calls_all += calls
+        out = (acc / calls_all).reshape(-1, grid.frames, grid.height, grid.width)
+        return out if grid.video else out[:, 0]
+
+    def per_step(self) -> dict[int, torch.Tensor]:
+        """{step: map of that step} for every guided step (see `_step_map` for the shapes)."""
+        if self.undefined_reason is not None:
+            return {}
+        return {step: self._step_map(self._sums[step]) for step in self.steps}
+
+    def mean(self) -> torch.Tensor | None:
+        """The map averaged over the guided steps; None when nothing was recorded (or undefined)."""
+        maps = list(self.per_step().values())
+        if not maps or any(m.shape != maps[0].shape for m in maps):
+            return maps[-1] if maps else None
+        return torch.stack(maps).mean(dim=0)
+
+
 @dataclass
 class GuidanceRun:
     """State of one generation: settings, the current step, and the text layout of the model's stream.
@@ -84,6 +190,17 @@ class GuidanceRun:
     negative_mask: torch.Tensor | None = None
     negative_first: bool = False
     calls: int = field(default=0)  # attention calls guided so far (for tests and diagnostics)
+    # "Where the negative acts" recorder, None unless asked for (`record_negative_map`); the attention
+    # callers pass it as `negative_share=`.
+    negative_map: NegativeShareMap | None = None
+
+    def record_negative_map(self) -> NegativeShareMap:
+        """Start recording the negative-attention map of this generation (VSF only; for NAG / NASA the
+        map says why it is undefined and stays empty)."""
+        method = self.settings.method
+        reason = None if method == "vsf" else NEGATIVE_MAP_UNDEFINED.format(method=method.upper())
+        self.negative_map = NegativeShareMap(lambda: self.step, reason)
+        return self.negative_map
 
     def set_step(self, step: int, total_steps: int) -> None:
         self.step, self.total_steps = int(step), int(total_steps)

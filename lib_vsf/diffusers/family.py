@@ -16,6 +16,9 @@ One adapter per family (sd3.py, flux.py, wan.py, unet.py, zimage.py, flux2.py), 
 - `register_step_hook(model, hook)`: attach `VSFGuidance`'s per-call hook to a denoiser; returns a
   handle whose `remove()` undoes everything the adapter attached (families whose denoiser is not
   called with `encoder_hidden_states=` override it).
+- `latent_grid(model, args, kwargs)`: where the image tokens of the denoiser call sit (a `LatentGrid`:
+  patch size, packing), for the negative-attention map; None (the default) = not available, the map
+  then stays flat `[B, tokens]`.
 """
 from __future__ import annotations
 
@@ -49,6 +52,14 @@ class GuidedProcessor:
 
     def unguided(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+
+
+def attend(attention, q, k, v, layout, run: GuidanceRun):
+    """`attention(q, k, v, layout, run.guidance())` (joint_attention or cross_attention), handing over
+    the run's negative-map recorder only when one records: without the map the call is unchanged."""
+    if run.negative_map is None:
+        return attention(q, k, v, layout, run.guidance())
+    return attention(q, k, v, layout, run.guidance(), negative_share=run.negative_map)
 
 
 def heads_first(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -111,6 +122,10 @@ class FamilyAdapter:
 
     def register_step_hook(self, model: torch.nn.Module, hook):
         return model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def latent_grid(self, model, args, kwargs):
+        """The `LatentGrid` of this denoiser call, or None: the family does not say (see docstring)."""
+        return None
 
     def positive_length(self, kwargs: dict[str, Any]) -> int:
         return kwargs["encoder_hidden_states"].shape[1]

@@ -13,7 +13,8 @@ import torch
 
 from ..attention import joint_attention
 from ..flux_lambda import extrapolate_negative, null_embedding
-from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, heads_merged
+from ..state import LatentGrid
+from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, attend, heads_merged
 from .text import is_blank, t5_hidden_states
 
 
@@ -56,7 +57,7 @@ class FluxVSFProcessor(GuidedProcessor):
             q, k = _rope(q, image_rotary_emb), _rope(k, image_rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
         layout = run.joint_layout(q.shape[2], text_offset=0)
-        out = heads_merged(joint_attention(q, k, v, layout, run.guidance())).to(q.dtype)
+        out = heads_merged(attend(joint_attention, q, k, v, layout, run)).to(q.dtype)
         run.calls += 1
         if not double:
             return out
@@ -82,6 +83,15 @@ class FluxFamily(FamilyAdapter):
         kwargs = super().single_pass_kwargs(kwargs)
         kwargs["true_cfg_scale"] = 1.0  # no second (true CFG) pass
         return kwargs
+
+    def latent_grid(self, model, args, kwargs):
+        # Packed latents [B, h*w, C] carry no shape; img_ids [h*w, 3] hold (0, row, col) per token.
+        img_ids = kwargs.get("img_ids")
+        if img_ids is None:
+            return None
+        ids = img_ids.reshape(-1, img_ids.shape[-1])[: kwargs["hidden_states"].shape[1]]
+        height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
+        return LatentGrid(1, height, width) if height * width == ids.shape[0] else None
 
     def encode_negative(self, pipe, prompt, settings):
         dim = pipe.text_encoder_2.config.d_model

@@ -14,6 +14,10 @@ another one guides (nested contexts, or two pipeline objects sharing modules) is
 context is active its denoisers run only through it (a direct pipeline call, or another pipeline
 sharing the denoiser, is refused at its first denoiser call): the step bookkeeping is read from this
 pipeline's scheduler, so any other caller would be guided on someone else's steps.
+
+`negative_map=True` also records where the negative acts (VSF only): after a call,
+`vsf.negative_map()` is the per-token share of attention on the flipped negative, `1 - W`, on the
+latent grid, and `vsf.negative_map(per_step=True)` the same per guided step.
 """
 from __future__ import annotations
 
@@ -58,9 +62,11 @@ class VSFGuidance:
 
     `negative_prompt`: one string for every image, or one per prompt (the pipeline's prompt-major order,
     `num_images_per_prompt` copies each). `settings`: a `VSFSettings` (default: the family's defaults).
+    `negative_map`: record the negative-attention map (see `negative_map()`); off by default.
     """
 
-    def __init__(self, pipe, negative_prompt: str | Sequence[str], settings: VSFSettings | None = None):
+    def __init__(self, pipe, negative_prompt: str | Sequence[str], settings: VSFSettings | None = None,
+                 negative_map: bool = False):
         self.pipe = pipe
         self.adapter = family_for(pipe)
         self.settings = settings or family_default(self.adapter.family)
@@ -78,6 +84,8 @@ class VSFGuidance:
         self._running = False  # inside self.__call__
         self._direct_step: tuple[int, int] | None = None  # inside self.direct_calls(step, total)
         self._encodings: dict[tuple, NegativeText] = {}  # text-encoder settings -> negative embeddings
+        if negative_map:
+            self._record_negative_map()
 
     # -- install / restore --------------------------------------------------------------------------
     def __enter__(self) -> "VSFGuidance":
@@ -140,6 +148,7 @@ class VSFGuidance:
         if cfg_kwarg and float(kwargs.get(cfg_kwarg) or 1.0) > 1.0:
             warnings.warn(f"VSF replaces CFG: {cfg_kwarg}={kwargs[cfg_kwarg]} is set to 1 for this call", stacklevel=2)
         kwargs = self.adapter.single_pass_kwargs(kwargs)
+        self._reset_negative_map()
         self._calls, self._running = 0, True
         try:
             return self.pipe(*args, **kwargs)
@@ -174,6 +183,7 @@ class VSFGuidance:
             raise GuidanceInputError("VSF needs the denoiser called with encoder_hidden_states=... (keyword)")
         self._calls += 1
         self.run.set_step(step, total)
+        self._negative_map_grid(module, args, kwargs)
         text = kwargs["encoder_hidden_states"]
         batch, positive_len = text.shape[0], self.adapter.positive_length(kwargs)
         negative = self.negative if not encoding else self._negative_for(encoding)
@@ -188,6 +198,40 @@ class VSFGuidance:
         negative = negative.for_batch(batch).to(device=text.device, dtype=text.dtype)
         self.run.set_text(positive_len, negative, self.adapter.negative_first)
         return args, self.adapter.extend_inputs(kwargs, negative)
+
+
+    # -- negative-attention map ----------------------------------------------------------------------------
+    def _record_negative_map(self) -> None:
+        recorder = self.run.record_negative_map()
+        if recorder.undefined_reason:
+            warnings.warn(f"{recorder.undefined_reason}; negative_map() will return None", stacklevel=3)
+
+    def _reset_negative_map(self) -> None:
+        if self.run.negative_map is not None:
+            self.run.negative_map.reset()
+
+    def _negative_map_grid(self, model, args, kwargs) -> None:
+        if self.run.negative_map is not None:
+            self.run.negative_map.grid = self.adapter.latent_grid(model, args, kwargs)
+
+    def negative_map(self, per_step: bool = False):
+        """Where the negative acted in the last call: per image token, the share of attention mass on
+        the flipped negative, `1 - W` (paper eq. 8), averaged over heads, guided attention layers and
+        guided steps. A float32 tensor `[B, h, w]` on the latent token grid (`[B, frames, h, w]` for
+        video; `[B, tokens]` where the family gives no grid). `per_step=True`: `{step: map}` of each
+        guided step instead. None (or `{}`) when the map was not requested
+        (`VSFGuidance(..., negative_map=True)`), nothing was guided, or the method is NAG / NASA, which
+        have no W (`negative_map_undefined` says why)."""
+        recorder = self.run.negative_map
+        if recorder is None:
+            return {} if per_step else None
+        return recorder.per_step() if per_step else recorder.mean()
+
+    @property
+    def negative_map_undefined(self) -> str | None:
+        """Why `negative_map()` is None for this method (NAG / NASA), or None."""
+        recorder = self.run.negative_map
+        return None if recorder is None else recorder.undefined_reason
 
 
 def generate(pipe, prompt, negative_prompt, settings: VSFSettings | None = None, **kwargs):

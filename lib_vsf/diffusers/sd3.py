@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import joint_attention
-from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, heads_first, heads_merged
+from ..state import LatentGrid
+from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, attend, heads_first, heads_merged
 from .text import clip_hidden_states, is_blank, t5_hidden_states
 
 
@@ -43,7 +44,7 @@ class SD3VSFProcessor(GuidedProcessor):
         image_len = hidden_states.shape[1]
         q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         layout = run.joint_layout(q.shape[2], text_offset=image_len)
-        out = heads_merged(joint_attention(q, k, v, layout, run.guidance())).to(q.dtype)
+        out = heads_merged(attend(joint_attention, q, k, v, layout, run)).to(q.dtype)
         run.calls += 1
         image_out, text_out = out[:, :image_len], out[:, image_len:]
         image_out = attn.to_out[1](attn.to_out[0](image_out))
@@ -61,6 +62,12 @@ class SD3Family(FamilyAdapter):
     def processor_for(self, name, original, run):
         # "transformer_blocks.3.attn.processor"; leave "attn2" (SD3.5 Medium image-only attention).
         return SD3VSFProcessor(original, run) if name.endswith(".attn.processor") else None
+
+    def latent_grid(self, model, args, kwargs):
+        # hidden_states [B, C, H, W] latents; image tokens are patch x patch squares, row-major
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        patch = model.config.patch_size
+        return LatentGrid(1, latents.shape[-2] // patch, latents.shape[-1] // patch)
 
     def encode_negative(self, pipe, prompt, settings):
         joint_dim = pipe.transformer.config.joint_attention_dim

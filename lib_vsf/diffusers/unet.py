@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import cross_attention
-from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, heads_first, heads_merged
+from ..state import LatentGrid
+from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, attend, heads_first, heads_merged
 from .text import clip_hidden_states, is_blank
 
 
@@ -55,7 +56,7 @@ class UNetCrossVSFProcessor(GuidedProcessor):
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        out = heads_merged(cross_attention(q, k, v, run.cross_layout(), run.guidance())).to(q.dtype)
+        out = heads_merged(attend(cross_attention, q, k, v, run.cross_layout(), run)).to(q.dtype)
         if image_prompt is not None:
             out = out + self._image_prompt_attention(q, image_prompt)
         run.calls += 1
@@ -105,6 +106,11 @@ class UNetFamily(FamilyAdapter):
 
     def processor_for(self, name, original, run):
         return UNetCrossVSFProcessor(original, run) if name.endswith(".attn2.processor") else None
+
+    def latent_grid(self, model, args, kwargs):
+        # sample [B, C, H, W]: attn2 runs at H x W and at each downsampled level (LatentGrid.shape_for)
+        latents = kwargs.get("sample", args[0] if args else None)
+        return LatentGrid(1, latents.shape[-2], latents.shape[-1])
 
     def text_encoding(self, pipe):
         clip_skip = getattr(pipe, "_clip_skip", None)  # set by the pipeline call before its loop

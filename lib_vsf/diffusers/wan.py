@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import cross_attention
-from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, heads_first, heads_merged
+from ..state import LatentGrid
+from .family import FamilyAdapter, GuidanceInputError, GuidedProcessor, attend, heads_first, heads_merged
 from .text import is_blank, t5_hidden_states
 
 
@@ -37,7 +38,7 @@ class WanVSFProcessor(GuidedProcessor):
         q = heads_first(attn.norm_q(attn.to_q(hidden_states)), heads)
         k = heads_first(attn.norm_k(attn.to_k(text)), heads)
         v = heads_first(attn.to_v(text), heads)
-        out = cross_attention(q, k, v, run.cross_layout(), run.guidance())
+        out = attend(cross_attention, q, k, v, run.cross_layout(), run)
         out = heads_merged(out).type_as(q)
         if image_ctx_len:  # I2V: image-conditioning tokens, unguided, added as the model does
             k_img = heads_first(attn.norm_added_k(attn.add_k_proj(image_ctx)), heads)
@@ -54,6 +55,13 @@ class WanFamily(FamilyAdapter):
 
     def processor_for(self, name, original, run):
         return WanVSFProcessor(original, run) if name.endswith(".attn2.processor") else None
+
+    def latent_grid(self, model, args, kwargs):
+        # hidden_states [B, C, F, H, W]; 3D patches (pt, ph, pw), tokens frame-major then row-major
+        latents = kwargs.get("hidden_states", args[0] if args else None)
+        pt, ph, pw = model.config.patch_size
+        frames, height, width = latents.shape[-3:]
+        return LatentGrid(frames // pt, height // ph, width // pw, video=True)
 
     def encode_negative(self, pipe, prompt, settings):
         dim = pipe.text_encoder.config.d_model
