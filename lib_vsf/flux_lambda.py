@@ -1,5 +1,5 @@
 """Flux's negative-embedding extrapolation (paper eq. 10) and its null embedding `p0`: the one definition
-that the diffusers pipelines (`lib_vsf/diffusers/flux.py`) and the WebUI hosts (`lib_vsf/webui/hosts/_forge.py`,
+that the diffusers pipelines (`lib_vsf/diffusers/flux.py`) and the WebUI hosts (`lib_vsf/webui/hosts/_negative_text.py`,
 Forge and Forge Neo) both call.
 
     p-  <-  p- + lambda * (p- - p0)

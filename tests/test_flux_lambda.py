@@ -18,7 +18,7 @@ import torch
 from lib_vsf.diffusers.flux import FluxFamily
 from lib_vsf.flux_lambda import extrapolate_negative, null_embedding
 from lib_vsf.settings import VSFSettings
-from lib_vsf.webui.hosts import _forge
+from lib_vsf.webui.hosts import _negative_text
 from tiny_pipelines import WORDS, t5_encoder, t5_tokenizer
 
 EOS, PAD = 1, 0
@@ -108,7 +108,7 @@ def test_webui_negative_that_fills_the_t5_chunk_still_gets_lambda(encoder):
     assert len(ids) + 1 > engine.min_length  # the chunk is all tokens: no padding position in it
     plain = encode(encoder, ids + [EOS]).double()
     expected = plain + 8.0 * (plain - empty_prompt_null(encoder, 16))
-    got = _forge.encode_flux_negatives(None, webui_model(engine), [prompt], VSFSettings(flux_lambda=8.0))
+    got = _negative_text.encode_flux_negatives(None, webui_model(engine), [prompt], VSFSettings(flux_lambda=8.0))
     assert got.length == len(ids) + 1
     torch.testing.assert_close(got.embeds[0].double(), expected, atol=1e-5, rtol=1e-5)
     assert (got.embeds[0].double() - plain).abs().max() > 1e-2
@@ -118,7 +118,7 @@ def test_webui_short_negative_uses_the_empty_prompt_not_its_own_padding(encoder)
     tokenizer = t5_tokenizer(64)
     engine = ForgeT5EngineDouble(encoder, tokenizer, min_length=16)
     prompts = ["blurry text", "ugly bad hands", "blurry text", ""]
-    got = _forge.encode_flux_negatives(None, webui_model(engine), prompts, VSFSettings(flux_lambda=8.0))
+    got = _negative_text.encode_flux_negatives(None, webui_model(engine), prompts, VSFSettings(flux_lambda=8.0))
     null = empty_prompt_null(encoder, 16)
     assert engine.null_encodings == 1  # one null per generation, whatever the number of negatives
     for row, prompt in enumerate(prompts[:2]):
@@ -147,7 +147,7 @@ def test_diffusers_and_webui_compute_the_same_null(encoder):
     length = 32
     pipe = types.SimpleNamespace(text_encoder_2=encoder, tokenizer_2=t5_tokenizer(length))
     from_diffusers = FluxFamily.null_embedding(pipe, length)
-    from_webui = _forge.t5_null_embedding(ForgeT5EngineDouble(encoder, t5_tokenizer(64), min_length=length))
+    from_webui = _negative_text.t5_null_embedding(ForgeT5EngineDouble(encoder, t5_tokenizer(64), min_length=length))
     assert torch.equal(from_diffusers, from_webui)
     torch.testing.assert_close(from_webui.double(), empty_prompt_null(encoder, length), atol=1e-6, rtol=1e-6)
 
@@ -155,4 +155,4 @@ def test_diffusers_and_webui_compute_the_same_null(encoder):
 def test_webui_engine_without_padding_uses_the_flux_t5_length(encoder):
     """Chroma's engines pad nothing (`min_length=1`): p0 is the empty prompt padded to Flux's 256."""
     engine = ForgeT5EngineDouble(encoder, t5_tokenizer(64), min_length=1)
-    torch.testing.assert_close(_forge.t5_null_embedding(engine).double(), empty_prompt_null(encoder, 256), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_negative_text.t5_null_embedding(engine).double(), empty_prompt_null(encoder, 256), atol=1e-6, rtol=1e-6)

@@ -377,7 +377,7 @@ def test_forge_wrapper_runs_a_call_plain_when_rows_do_not_map_onto_images():
     import torch
 
     from lib_vsf.state import GuidanceRun, NegativeText
-    from lib_vsf.webui.hosts._forge import attach_forge
+    from lib_vsf.webui.hosts._forge_sampling import attach_forge
     from lib_vsf.webui.hosts.base import SamplingContext
 
     class Patcher:  # Forge's UnetPatcher, as far as attach_forge uses it

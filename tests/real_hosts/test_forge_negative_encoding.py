@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lib_vsf.settings import VSFSettings
-from lib_vsf.webui.hosts import _forge
+from lib_vsf.webui.hosts import _negative_text
 from lib_vsf.diffusers.flux import FluxFamily
 from lib_vsf.webui.hosts.forge_flux import ForgeFluxAdapter
 from lib_vsf.webui.hosts.forge_mmditx import ForgeMMDiTAdapter
@@ -48,19 +48,19 @@ def n_tokens(tokenizer, text):
 
 def test_clip_chunks_count_bos_tokens_eos(engines):
     clip, _, tokenizer, _ = engines
-    assert _forge.clip_chunk_lengths(clip, "blurry, text") == [n_tokens(tokenizer, "blurry, text") + 2]
-    assert _forge.clip_chunk_lengths(clip, "") == [0]  # an empty prompt is no negative at all
-    assert _forge.clip_chunk_lengths(clip, "red BREAK blue hat") == [3, 2 + n_tokens(tokenizer, "blue hat")]
+    assert _negative_text.clip_chunk_lengths(clip, "blurry, text") == [n_tokens(tokenizer, "blurry, text") + 2]
+    assert _negative_text.clip_chunk_lengths(clip, "") == [0]  # an empty prompt is no negative at all
+    assert _negative_text.clip_chunk_lengths(clip, "red BREAK blue hat") == [3, 2 + n_tokens(tokenizer, "blue hat")]
     long = ", ".join(["a very long list of unwanted things"] * 15)
-    lengths = _forge.clip_chunk_lengths(clip, long)
+    lengths = _negative_text.clip_chunk_lengths(clip, long)
     assert len(lengths) >= 2 and all(2 < n <= 77 for n in lengths)
     assert sum(n - 2 for n in lengths) == n_tokens(tokenizer, long)  # every token once, padding never
 
 
 def test_t5_counts_tokens_plus_eos(engines):
     _, t5, _, _ = engines
-    assert _forge.t5_length(t5, "three word prompt") == 4
-    assert _forge.t5_length(t5, "") == 0
+    assert _negative_text.t5_length(t5, "three word prompt") == 4
+    assert _negative_text.t5_length(t5, "") == 0
 
 
 def synthetic_sd3_model(clip, t5, chunks, t5_len=256):
@@ -84,7 +84,7 @@ def test_sd3_negative_without_padding_t5_off_and_on(engines):
     assert off.embeds[0, :n, 0].tolist() == list(range(n))
     with shared_opts(emphasis="Original", sd3_enable_t5=True):
         on = adapter.encode_negative(None, ["blurry, text"], VSFSettings())
-    t5_len = _forge.t5_length(t5, "blurry, text")
+    t5_len = _negative_text.t5_length(t5, "blurry, text")
     assert on.length == n + t5_len
     assert on.embeds[0, :, 0].tolist() == list(range(n)) + [1000.0 + i for i in range(t5_len)]
 
@@ -132,6 +132,6 @@ def test_forge_and_diffusers_share_one_null(flux_t5):
     """Same T5 weights: Forge's engine path and the diffusers path (at Forge's 256) give one p0."""
     model, transformer, hf = flux_t5
     pipe = types.SimpleNamespace(text_encoder_2=hf, tokenizer_2=types.SimpleNamespace(eos_token_id=1, pad_token_id=0))
-    from_forge = _forge.t5_null_embedding(model.text_processing_engine_t5)
+    from_forge = _negative_text.t5_null_embedding(model.text_processing_engine_t5)
     torch.testing.assert_close(from_forge.double(), empty_prompt_null(transformer), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(from_forge, FluxFamily.null_embedding(pipe, 256), atol=2e-6, rtol=1e-5)

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from lib_vsf.attention import Guidance
-from lib_vsf.attention_reference import vsf_joint_reference
+from lib_vsf.attention.reference import vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative
 from lib_vsf.webui.hosts.neo_flux import NeoFluxAdapter, patch_flux
 from lib_vsf.settings import VSFSettings
-from lib_vsf.webui.hosts import _forge
+from lib_vsf.webui.hosts import _negative_text
 from spec_equations import check_joint_call
 from vsf_host_setup import (Recorder, T5WordTokenizer, heads_last, hf_t5_encoder, host_modules, host_t5, import_host,
                             init_weights, make_run, negative_rows, shared_opts)
@@ -269,4 +269,4 @@ def test_flux_lambda_uses_the_empty_prompt_null(neo_t5, engine_kwargs, pad_to, w
     got = NeoFluxAdapter(neo_model(engine)).encode_negative(None, [prompt], VSFSettings(flux_lambda=8.0))
     assert got.length == len(ids)
     torch.testing.assert_close(got.embeds[0].double(), plain + 8.0 * (plain - null), atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
-    torch.testing.assert_close(_forge.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(_negative_text.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)

@@ -25,7 +25,7 @@ import torch
 from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _negative_text
 from ._guided import class_is, warn_once
 from ._sai_mmdit import check_mmdit_module, patch_mmdit_module
 from .base import HostAdapter, SamplingContext, append_negative
@@ -102,15 +102,15 @@ class A1111SD3Adapter(HostAdapter):
         use_t5 = bool(getattr(opts, "sd3_enable_t5", False)) and getattr(encoders.model_t5, "t5xxl", None) is not None
 
         def encode(prompt: str):
-            cond = _forge.host_encode(p, model, prompt)
-            clip = _forge.clip_chunk_lengths(encoders.model_lg, prompt)
+            cond = _negative_text.host_encode(p, model, prompt)
+            clip = _negative_text.clip_chunk_lengths(encoders.model_lg, prompt)
             t5 = 0
             if use_t5:
                 tokens, _ = encoders.model_t5.tokenize_line(prompt)
-                t5 = min(len(tokens), cond["crossattn"].shape[1] - len(clip) * _forge.CLIP_CHUNK)
-            return _forge.unpad_clip_t5(cond["crossattn"], clip, t5)
+                t5 = min(len(tokens), cond["crossattn"].shape[1] - len(clip) * _negative_text.CLIP_CHUNK)
+            return _negative_text.unpad_clip_t5(cond["crossattn"], clip, t5)
 
-        return _forge.encode_each(negative_prompts, encode)
+        return _negative_text.encode_each(negative_prompts, encode)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         if ctx.single_pass:

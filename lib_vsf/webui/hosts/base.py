@@ -36,7 +36,7 @@ Contract, in words:
 - `backend_note()` returns a one-line message when the user's attention backend cannot carry the
   mask VSF needs (we then compute guided calls with PyTorch SDPA), else None.
 
-`hosts/_forge.py` holds the Forge-family pieces (`attach_forge`: negative into `c_crossattn` through
+`hosts/_negative_text.py` holds the Forge-family pieces (`attach_forge`: negative into `c_crossattn` through
 the UnetPatcher's model-function wrapper plus one conditional pass; `host_encode`, `clip_chunk_lengths`,
 `t5_length`, `unpad_clip_t5`, `t5_null_embedding`, `encode_each`) that other Forge-family adapters may reuse.
 

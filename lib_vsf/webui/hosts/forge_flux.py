@@ -18,7 +18,7 @@ from typing import Any, Sequence
 from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import batch_fits, class_is, diffusion_model, guided_call
 from .base import HostAdapter, SamplingContext
 
@@ -63,7 +63,7 @@ class ForgeFluxAdapter(HostAdapter):
     @classmethod
     def matches(cls, sd_model: Any) -> bool:
         return (class_is(diffusion_model(sd_model), MODULE, "IntegratedFluxTransformer2DModel")
-                and _forge.is_forge())
+                and _forge_sampling.is_forge())
 
     def _module(self) -> ModuleType:
         from backend.nn import flux  # type: ignore[import-not-found]
@@ -73,13 +73,13 @@ class ForgeFluxAdapter(HostAdapter):
         check_flux_module(self._module())
 
     def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
-        return _forge.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
+        return _negative_text.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_flux_module(self._module(), run)
 
     def backend_note(self) -> str | None:
-        return _forge.forge_backend_note()
+        return _forge_sampling.forge_backend_note()

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 from ...patching import AttributePatch
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import class_is, diffusion_model
 from ._sai_mmdit import check_mmdit_module, patch_mmdit_module
 from .base import HostAdapter, SamplingContext
@@ -41,7 +41,7 @@ class ForgeMMDiTAdapter(HostAdapter):
 
     @classmethod
     def matches(cls, sd_model: Any) -> bool:
-        return class_is(diffusion_model(sd_model), MODULE, "MMDiTX") and _forge.is_forge()
+        return class_is(diffusion_model(sd_model), MODULE, "MMDiTX") and _forge_sampling.is_forge()
 
     def _module(self):
         from backend.nn import mmditx  # type: ignore[import-not-found]
@@ -55,15 +55,15 @@ class ForgeMMDiTAdapter(HostAdapter):
         use_t5 = t5_enabled()
 
         def encode(prompt: str):
-            cond = _forge.host_encode(p, model, prompt)
-            clip = _forge.clip_chunk_lengths(model.text_processing_engine_l, prompt)
-            t5 = _forge.t5_length(model.text_processing_engine_t5, prompt) if use_t5 else 0
-            return _forge.unpad_clip_t5(cond["crossattn"], clip, t5)
+            cond = _negative_text.host_encode(p, model, prompt)
+            clip = _negative_text.clip_chunk_lengths(model.text_processing_engine_l, prompt)
+            t5 = _negative_text.t5_length(model.text_processing_engine_t5, prompt) if use_t5 else 0
+            return _negative_text.unpad_clip_t5(cond["crossattn"], clip, t5)
 
-        return _forge.encode_each(negative_prompts, encode)
+        return _negative_text.encode_each(negative_prompts, encode)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_mmdit_module(self._module(), run)

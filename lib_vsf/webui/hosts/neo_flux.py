@@ -22,7 +22,7 @@ from typing import Any, Sequence
 from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext
@@ -94,14 +94,14 @@ class NeoFluxAdapter(HostAdapter):
         the lambda extrapolation (paper eq. 10) against the null embedding of `lib_vsf.flux_lambda`:
         the empty prompt's mean padding encoding through Neo's T5 engine (Chroma's engine pads nothing,
         so its null is the empty prompt padded to Flux's 256)."""
-        return _forge.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
+        return _negative_text.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         """Neo keeps Forge's sampling hooks (`model_function_wrapper`, conditioning modifiers)."""
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_flux(self._module(), run)
 
     def backend_note(self) -> str | None:
-        return _forge.forge_backend_note()
+        return _forge_sampling.forge_backend_note()

@@ -25,7 +25,7 @@ import torch
 from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import class_is, diffusion_model, is_forge_neo
 from .base import HostAdapter, SamplingContext
 from .neo_flux import FLUX_MODULE, check_flux_module, make_flux_attention
@@ -129,13 +129,13 @@ class NeoFlux2Adapter(HostAdapter):
             with torch.inference_mode():
                 return encode_klein_negative(engine, str(prompt)).clone()
 
-        return _forge.encode_each(list(negative_prompts), encode)
+        return _negative_text.encode_each(list(negative_prompts), encode)
 
     def _text_width(self) -> int:
         return int(diffusion_model(self.sd_model).txt_in.in_features)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         flux = self._module()
@@ -146,4 +146,4 @@ class NeoFlux2Adapter(HostAdapter):
                 .add(model, "forward_orig", make_forward_orig(model.forward_orig, run)))
 
     def backend_note(self) -> str | None:
-        return _forge.forge_backend_note()
+        return _forge_sampling.forge_backend_note()

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import (CallScope, ScopeState, check_attention_function, class_is, diffusion_model, is_forge_neo,
                       make_scoped_cross_attention, warn_once)
 from .base import HostAdapter, SamplingContext, real_length
@@ -79,7 +79,7 @@ def patch_wan(wan: ModuleType, run: GuidanceRun) -> AttributePatch:
 
 
 def _has_vsf_hook(sd_model: Any) -> bool:
-    """The model's current UnetPatcher already carries the per-pass hook of `_forge.attach_forge`."""
+    """The model's current UnetPatcher already carries the per-pass hook of `_forge_sampling.attach_forge`."""
     unet = getattr(getattr(sd_model, "forge_objects", None), "unet", None)
     wrapper = getattr(unet, "model_options", {}).get("model_function_wrapper")
     return getattr(wrapper, "__name__", "") == "vsf_model_function_wrapper"
@@ -110,7 +110,7 @@ def follow_refiner(sd_samplers_common: ModuleType, sd_model: Any, ctx: SamplingC
             refiner = loaded_model(sd_model)
             if refiner is not None and not _has_vsf_hook(refiner) and NeoWanAdapter.matches(refiner):
                 try:
-                    _forge.attach_forge(SimpleNamespace(sd_model=refiner), ctx)
+                    _forge_sampling.attach_forge(SimpleNamespace(sd_model=refiner), ctx)
                 except Exception as exc:  # noqa: BLE001 - never break the generation over guidance
                     warn_once("neo-wan-refiner", f"could not guide the refiner model ({exc}); it runs without VSF.")
         return switched
@@ -145,16 +145,16 @@ class NeoWanAdapter(HostAdapter):
         model = self.sd_model
 
         def encode(prompt: str):
-            cond = _forge.host_encode(p, model, prompt)  # runs the engine first: it sets its emphasis mode
+            cond = _negative_text.host_encode(p, model, prompt)  # runs the engine first: it sets its emphasis mode
             return cond["crossattn"][0, : umt5_length(model.text_processing_engine_t5, prompt)]
 
-        return _forge.encode_each(negative_prompts, encode)
+        return _negative_text.encode_each(negative_prompts, encode)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         """Neo keeps Forge's sampling hooks; the negative joins `c_crossattn` after the 512 positive
         UMT5 positions (I2V image tokens travel separately as `clip_fea`). Also follows a Wan 2.2
         low-noise expert that Neo loads as a new model mid-sampling (`follow_refiner`)."""
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
         try:
             from modules import sd_samplers_common  # type: ignore[import-not-found]
         except Exception:  # noqa: BLE001 - no WebUI (tests, other hosts): nothing to follow
@@ -165,4 +165,4 @@ class NeoWanAdapter(HostAdapter):
         return patch_wan(self._module(), run)
 
     def backend_note(self) -> str | None:
-        return _forge.forge_backend_note()
+        return _forge_sampling.forge_backend_note()

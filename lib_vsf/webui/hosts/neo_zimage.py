@@ -33,7 +33,7 @@ from ...layout import TokenLayout
 from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext
@@ -195,10 +195,10 @@ class NeoZImageAdapter(HostAdapter):
             with torch.inference_mode():
                 return engine([prompt])[0].clone()
 
-        return _forge.encode_each(list(negative_prompts), encode)
+        return _negative_text.encode_each(list(negative_prompts), encode)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         self._check_model()
@@ -209,4 +209,4 @@ class NeoZImageAdapter(HostAdapter):
                 .add(model, "patchify_and_embed", guided.patchify_and_embed(model.patchify_and_embed)))
 
     def backend_note(self) -> str | None:
-        return _forge.forge_backend_note()
+        return _forge_sampling.forge_backend_note()

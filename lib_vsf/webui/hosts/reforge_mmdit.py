@@ -22,7 +22,7 @@ import torch
 from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
                       guided_call, split_mask_arg)
 from .base import HostAdapter, SamplingContext, real_length
@@ -41,7 +41,7 @@ def _token_ids(chunk: Sequence[Any]) -> list[int]:
     return [t[0] if isinstance(t[0], int) else -1 for t in chunk]
 
 
-def sd3_negative(cond: torch.Tensor, tokens: dict, chunk: int = _forge.CLIP_CHUNK) -> torch.Tensor:
+def sd3_negative(cond: torch.Tensor, tokens: dict, chunk: int = _negative_text.CLIP_CHUNK) -> torch.Tensor:
     """`[n, E]` unpadded SD3 negative from ComfyUI's `[1, 77k (+ T5), 4096]` encoding of one prompt and
     its `clip.tokenize()` dict (`"l"`, `"g"`, `"t5xxl"` chunk lists): each CLIP chunk up to its EOS,
     then T5 tokens + EOS when the encoding carries a T5 part (T5 loaded)."""
@@ -50,7 +50,7 @@ def sd3_negative(cond: torch.Tensor, tokens: dict, chunk: int = _forge.CLIP_CHUN
     t5 = 0
     if tokens.get("t5xxl") and cond.shape[1] > len(clip_chunks) * chunk:
         t5 = real_length(_token_ids(tokens["t5xxl"][0]), T5_END, has_start=False)
-    return _forge.unpad_clip_t5(cond, keep, t5, chunk=chunk)
+    return _negative_text.unpad_clip_t5(cond, keep, t5, chunk=chunk)
 
 
 def check_mmdit_module(mmdit: ModuleType) -> None:
@@ -123,12 +123,12 @@ class ReforgeMMDiTAdapter(HostAdapter):
             cond, _ = clip.encode_from_tokens(tokens, return_pooled=True)
             return sd3_negative(cond, tokens)
 
-        return _forge.encode_each(negative_prompts, encode)
+        return _negative_text.encode_each(negative_prompts, encode)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         """reForge keeps Forge's sampling hooks on `forge_objects.unet` (model_function_wrapper and
         conditioning modifiers, `modules_forge/forge_sampler.py`)."""
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_mmdit(self._module(), run)

@@ -40,7 +40,7 @@ from ...attention import cross_attention
 from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
-from . import _forge
+from . import _forge_sampling, _negative_text
 from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
                       is_forge_neo, make_scoped_cross_attention)
 from .base import HostAdapter, SamplingContext, append_negative, real_length
@@ -118,11 +118,11 @@ def encode_clip_negatives(p: Any, sd_model: Any, negative_prompts: Sequence[str]
     engine = clip_engine(sd_model)
 
     def encode(prompt: str) -> torch.Tensor:
-        crossattn = _forge.host_encode(p, sd_model, prompt)["crossattn"]  # encode first: sets the emphasis mode
+        crossattn = _negative_text.host_encode(p, sd_model, prompt)["crossattn"]  # encode first: sets the emphasis mode
         chunks, _ = engine.tokenize_line(prompt)
         return clip_negative(crossattn, chunks, engine.id_end)
 
-    return _forge.encode_each(negative_prompts, encode)
+    return _negative_text.encode_each(negative_prompts, encode)
 
 
 # -- ComfyUI-style hosts: Forge, Forge Neo, reForge --------------------------------------------------
@@ -235,13 +235,13 @@ class _ForgeFamilyUNet(HostAdapter):
         """Forge, Neo and reForge share ComfyUI's sampling hooks (`model_function_wrapper` on the
         pass's cloned UnetPatcher, conditioning modifiers): the negative joins `c_crossattn` after
         the positive's 77*k positions for conditional rows of guided steps."""
-        _forge.attach_forge(p, ctx)
+        _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         return patch_unet(self._attention_module(), self.attention_name, run)
 
     def backend_note(self) -> str | None:
-        return _forge.forge_backend_note() if self.host != "reforge" else None
+        return _forge_sampling.forge_backend_note() if self.host != "reforge" else None
 
 
 class NeoUNetAdapter(_ForgeFamilyUNet):

@@ -1,22 +1,12 @@
-"""Forge-family sampling glue shared by the Forge adapters: negative encoding and the per-pass hook.
+"""The negative prompt through the host's own text engines, cut to its real tokens (A1111, Forge,
+Forge Neo, reForge adapters all use it).
 
-Host-free at import (Forge modules are imported inside functions); the registry skips this module.
+Host-free at import (host modules are imported inside functions); the adapter registry skips this module.
 
-How the negative reaches the model in Forge (`backend/sampling/sampling_function.py`): every model call
-goes through `model_options["model_function_wrapper"](apply_model, {"input", "timestep", "c",
-"cond_or_uncond"})` when one is set. `attach_forge()` clones the pass's `UnetPatcher` (Forge rebuilds
-`forge_objects` from `forge_objects_after_applying_lora` before every pass, so the clone dies with the
-pass and LoRA patches carry over), installs a wrapper that appends the negative tokens to
-`c["c_crossattn"]` for COND chunks of guided steps (UNCOND chunks get masked-out rows) and records the
-text stream in the `GuidanceRun`, chaining any wrapper another extension set before. One conditional
-pass: a conditioning modifier returns `cond_scale = 1` and no uncond (Forge itself drops uncond at
-`cond_scale == 1`; `p.uc` is None at CFG 1, which is why the negative is encoded here, not taken from
-the host's uncond).
-
-Negative encoding: the host's own `get_learned_conditioning` (emphasis, textual inversion, clip skip
-as the user set them) on one prompt at a time, then cut to the real tokens: each CLIP chunk up to its
-first EOS (BOS + tokens + EOS; CLIP is causal, so those positions equal an unpadded encoding), the T5
-part up to its EOS (tokens + EOS), and nothing of a zero-filled T5 slot (SD3 with T5 off).
+The host's own `get_learned_conditioning` (emphasis, textual inversion, clip skip as the user set them)
+runs on one prompt at a time, then the result is cut to the real tokens: each CLIP chunk up to its first
+EOS (BOS + tokens + EOS; CLIP is causal, so those positions equal an unpadded encoding), the T5 part up to
+its EOS (tokens + EOS), and nothing of a zero-filled T5 slot (SD3 with T5 off).
 Flux's lambda (paper eq. 10) extrapolates against `p0` as `lib_vsf.flux_lambda` defines it: the empty
 prompt encoded by the host's own T5 engine, so it exists even when the negative fills its T5 chunk.
 """
@@ -27,22 +17,12 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ...flux_lambda import extrapolate_negative, null_embedding
-from ...state import NegativeText
 from ...settings import VSFSettings
-from ._guided import warn_once
-from .base import COND, SamplingContext, append_negative, real_length
+from ...state import NegativeText
+from .base import real_length
 
 CLIP_CHUNK = 77
 FLUX_T5_LENGTH = 256  # Forge's and Neo's Flux T5 engines pad every prompt to at least this many tokens
-
-
-def is_forge() -> bool:
-    """The running host has Forge's backend (Forge, or a Forge fork)."""
-    try:
-        import backend.sampling.sampling_function  # type: ignore[import-not-found] # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
 
 
 def _conditioning_prompts(p: Any, prompts: Sequence[str]):
@@ -119,57 +99,6 @@ def t5_null_embedding(engine: Any) -> torch.Tensor:
         return engine.process_tokens(tokens, [[1.0] * len(row) for row in tokens])
 
     return null_embedding(encode, engine.id_end, engine.id_pad, length)
-
-
-def attach_forge(p: Any, ctx: SamplingContext) -> None:
-    """Install the per-pass model wrapper (negative into `c_crossattn`) and, if asked, one
-    conditional pass, on a clone of the pass's UnetPatcher (see the module docstring)."""
-    unet = p.sd_model.forge_objects.unet.clone()
-    previous = unet.model_options.get("model_function_wrapper")
-    run = ctx.run
-
-    def vsf_model_function_wrapper(apply_model, args):
-        c = dict(args["c"])
-        kinds = list(args.get("cond_or_uncond") or [])
-        context = c.get("c_crossattn")
-        negative = None
-        if isinstance(context, torch.Tensor) and ctx.guided_now() and (not kinds or COND in kinds):
-            try:
-                negative = ctx.negative_for_chunks(kinds, context.shape[0])
-            except ValueError as exc:  # rows that do not map onto the batch's images: run this call plain
-                warn_once("forge-rows", f"model call without VSF: {exc}")
-        if negative is not None:
-            c["c_crossattn"] = append_negative(context, negative)
-            run.set_text(context.shape[1], negative)
-        else:
-            run.set_text(0, None)
-        try:
-            if previous is not None:
-                return previous(apply_model, {**args, "c": c})
-            return apply_model(args["input"], args["timestep"], **c)
-        finally:
-            run.set_text(0, None)
-
-    unet.set_model_unet_function_wrapper(vsf_model_function_wrapper)
-    if ctx.single_pass:
-        def vsf_single_pass(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
-            return model, x, timestep, None, cond, 1.0, model_options, seed
-
-        unet.add_conditioning_modifier(vsf_single_pass)
-    p.sd_model.forge_objects.unet = unet
-
-
-def forge_backend_note() -> str | None:
-    """Forge's attention setting: only the PyTorch path can carry VSF's mask."""
-    try:
-        from backend import attention  # type: ignore[import-not-found]
-    except Exception:  # noqa: BLE001
-        return None
-    if getattr(attention, "attention_function", None) is getattr(attention, "attention_pytorch", object()):
-        return None
-    name = getattr(getattr(attention, "attention_function", None), "__name__", "unknown")
-    return (f"VSF computes its guided attention calls with PyTorch SDPA: your attention backend ({name}) "
-            "cannot take the mask VSF needs; it still runs every unguided call.")
 
 
 def encode_flux_negatives(p: Any, sd_model: Any, prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
