@@ -1,4 +1,4 @@
-"""The fast VSF attention (lib_vsf.attention_fast) against the dense-mask reference.
+"""The fast VSF attention (lib_vsf.attention.fast) against the dense-mask reference.
 
 `vsf_joint_reference` is checked against the paper's eq. 7/8 in test_attention_oracle.py; here the
 split LSE implementation must equal it for every token order, padded batches, the limits of alpha and
@@ -12,9 +12,9 @@ import sys
 import pytest
 import torch
 
-from lib_vsf import attention_fast
-from lib_vsf.attention_fast import vsf_cross, vsf_joint
-from lib_vsf.attention_reference import vsf_cross_reference, vsf_joint_reference
+from lib_vsf.attention import fast as attention_fast
+from lib_vsf.attention.fast import vsf_cross, vsf_joint
+from lib_vsf.attention.reference import vsf_cross_reference, vsf_joint_reference
 from lib_vsf.layout import text_layout
 
 B, H, D = 2, 3, 16
@@ -120,7 +120,7 @@ def test_cross_matches_reference(dtype, backend):
 def test_nag_nasa_routes_match_reference(order, method, backend):
     """NAG / NASA reuse the N0-row and {I, N} helpers: padded batch with an all-padding sample."""
     from lib_vsf.attention import Guidance, joint_attention
-    from lib_vsf.attention_reference import nag_reference, nasa_reference
+    from lib_vsf.attention.reference import nag_reference, nasa_reference
 
     mask = torch.tensor([[True] * 4, [True, False, True, False], [False] * 4])
     layout = ORDERS[order](mask)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lib_vsf.attention import Guidance, cross_attention, joint_attention
-from lib_vsf.attention_reference import (
+from lib_vsf.attention.reference import (
     nag_reference,
     nasa_reference,
     vsf_cross_reference,

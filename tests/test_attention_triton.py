@@ -1,4 +1,4 @@
-"""The optional Triton kernels (lib_vsf.attention_triton) against the float32 reference math.
+"""The optional Triton kernels (lib_vsf.attention.triton_kernels) against the float32 reference math.
 
 Skipped where Triton is not installed (CI). With a CUDA GPU the real kernels run on CUDA tensors;
 without one they run through Triton's CPU interpreter (TRITON_INTERPRET=1, set before the kernels are
@@ -24,11 +24,11 @@ if not ON_GPU:
     # defined at its import, and only those defined under the variable run in the interpreter.
     os.environ["TRITON_INTERPRET"] = "1"
 
-from lib_vsf import attention_fast  # noqa: E402
-from lib_vsf.attention_reference import vsf_joint_reference  # noqa: E402
+from lib_vsf.attention import fast as attention_fast  # noqa: E402
+from lib_vsf.attention.reference import vsf_joint_reference  # noqa: E402
 from lib_vsf.layout import text_layout  # noqa: E402
 
-at = pytest.importorskip("lib_vsf.attention_triton")
+at = pytest.importorskip("lib_vsf.attention.triton_kernels")
 if not at.AVAILABLE:
     pytest.skip("triton imports but is not usable", allow_module_level=True)
 

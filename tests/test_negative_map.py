@@ -16,9 +16,9 @@ import warnings
 import pytest
 import torch
 
-from lib_vsf import attention_fast
+from lib_vsf.attention import fast as attention_fast
 from lib_vsf.attention import Guidance, cross_attention, joint_attention
-from lib_vsf.attention_reference import vsf_cross_reference, vsf_joint_reference
+from lib_vsf.attention.reference import vsf_cross_reference, vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.settings import VSFSettings
 from lib_vsf.state import GuidanceRun, LatentGrid, NegativeShareMap
@@ -371,7 +371,7 @@ def _triton_usable():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("padded", [False, True])
 def test_triton_merge_stores_one_minus_w_without_changing_its_output(dtype, padded):
-    from lib_vsf import attention_triton
+    from lib_vsf.attention import triton_kernels as attention_triton
 
     if not attention_triton.AVAILABLE:
         pytest.skip("triton imports but is not usable")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lib_vsf.attention_reference import vsf_cross_reference
+from lib_vsf.attention.reference import vsf_cross_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import PatchError
 from lib_vsf.settings import VSFSettings

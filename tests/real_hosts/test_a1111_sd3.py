@@ -14,7 +14,7 @@ import types
 import pytest
 import torch
 
-from lib_vsf.attention_reference import vsf_joint_reference
+from lib_vsf.attention.reference import vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch
 from lib_vsf.settings import VSFSettings

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lib_vsf.attention_reference import nag_reference, nasa_reference, vsf_joint_reference
+from lib_vsf.attention.reference import nag_reference, nasa_reference, vsf_joint_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.settings import VSFSettings

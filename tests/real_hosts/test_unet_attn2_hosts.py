@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from lib_vsf.attention import Guidance
-from lib_vsf.attention_reference import vsf_cross_reference
+from lib_vsf.attention.reference import vsf_cross_reference
 from lib_vsf.layout import text_layout
 from lib_vsf.patching import AttributePatch, PatchError
 from lib_vsf.webui.hosts.base import append_negative

@@ -3,8 +3,8 @@
 `joint_attention` (MMDiT / Flux: one sequence of image, positive and negative tokens) and
 `cross_attention` (Wan, UNet attn2: image queries over `[P, N]` text keys) take `[B, H, L, D]` tensors,
 a `TokenLayout` and a `Guidance`, and return `[B, H, Lq, D]`. They must agree with
-`lib_vsf.attention_reference` (tests check it); the VSF path picks its implementation in
-`lib_vsf.attention_fast` by device, dtype and torch version.
+`lib_vsf.attention.reference` (tests check it); the VSF path picks its implementation in
+`lib_vsf.attention.fast` by device, dtype and torch version.
 
 Both take an optional `negative_share` recorder (`lib_vsf.state.NegativeShareMap`, default None): for
 VSF it receives each image query's share of attention mass on the flipped negative, `1 - W` (paper
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import attention_fast
-from .attention_reference import nag_combine
-from .layout import IMAGE, NEGATIVE, POSITIVE, TokenLayout
+from . import fast as attention_fast
+from .reference import nag_combine
+from ..layout import IMAGE, NEGATIVE, POSITIVE, TokenLayout
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def _guided(z_plus, z_minus, has_negative, guidance):
 
 def _baseline_joint(q, k, v, layout: TokenLayout, guidance: Guidance, scale):
     """NAG / NASA in joint attention: image rows guided, P rows over {I, P}, N0 rows over {I, N0}.
-    No key copies and no Lq x Lk masks: N0 rows and NAG's Z- come from attention_fast's helpers."""
+    No key copies and no Lq x Lk masks: N0 rows and NAG's Z- come from `fast.py`'s helpers."""
     batch, device = q.shape[0], q.device
     out = torch.empty_like(q)
     image_positive = _take_keys(layout, (IMAGE, POSITIVE), device)

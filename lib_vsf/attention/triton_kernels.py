@@ -1,9 +1,9 @@
-"""Optional fused Triton kernels for the fast exact VSF path (`attention_fast`).
+"""Optional fused Triton kernels for the fast exact VSF path (`fast.py`).
 
-Imported lazily by `attention_fast` and only for CUDA tensors (or when forced under the Triton CPU
+Imported lazily by `fast.py` and only for CUDA tensors (or when forced under the Triton CPU
 interpreter, `TRITON_INTERPRET=1 VSF_TRITON=1`, which is how the tests check the math without a GPU).
 Without Triton (`import triton` fails: CPU-only wheels, Windows) `AVAILABLE` is False and nothing here
-is used; `attention_fast` keeps its torch path.
+is used; `fast.py` keeps its torch path.
 
 Two kernels:
 

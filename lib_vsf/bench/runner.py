@@ -3,7 +3,7 @@
 Times, in one run and on one device: the unguided pass, CFG (batch 2), VSF through the dense-mask
 reference (`vsf_reference`, float32 math) and through a paper-style dense additive mask in SDPA
 (`vsf_dense_sdpa`), the fast exact VSF (`vsf_fast`), NAG and NASA. The models are diffusers
-transformers built from a config with random weights (presets in `bench_models.py`), so no checkpoint
+transformers built from a config with random weights (presets in `models.py`), so no checkpoint
 is needed. It also checks the fast path against the reference on the same inputs, prints a table and
 optionally writes JSON (median ms, ratio to unguided, peak memory).
 
@@ -32,11 +32,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import attention_fast
-from .attention import Guidance, cross_attention, joint_attention
-from .attention_reference import vsf_cross_reference, vsf_joint_reference
-from .bench_models import PRESETS, Preset, build_model
-from .layout import IMAGE, NEGATIVE, TokenLayout, text_layout
+from ..attention import fast as attention_fast
+from ..attention import Guidance, cross_attention, joint_attention
+from ..attention.reference import vsf_cross_reference, vsf_joint_reference
+from .models import PRESETS, Preset, build_model
+from ..layout import IMAGE, NEGATIVE, TokenLayout, text_layout
 
 METHODS = {  # name -> Guidance used for the attention call and the forward
     "vsf": Guidance("vsf", 3.3, 0.2),
@@ -238,7 +238,7 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
     with triton_disabled():
         res["vsf_fast_torch"] = timed(lambda: guided(METHODS["vsf"]), device, warmup, repeats, bm)
     if negative_map:
-        from .state import NegativeShareMap
+        from ..state import NegativeShareMap
 
         recorder = NegativeShareMap()
         res["vsf_fast_map"] = timed(lambda: guided(METHODS["vsf"], negative_share=recorder), device, warmup,
@@ -322,9 +322,9 @@ def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: 
     step with `negative` [B, n, E] appended to the text stream; yields the forward kwargs. The
     original processors are restored on exit. Isolated here: this is the only place that knows the
     adapter API."""
-    from .diffusers.guidance import FAMILIES
-    from .settings import VSFSettings
-    from .state import GuidanceRun, NegativeText
+    from ..diffusers.guidance import FAMILIES
+    from ..settings import VSFSettings
+    from ..state import GuidanceRun, NegativeText
 
     from types import SimpleNamespace
 
@@ -374,7 +374,7 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
     try:
         import diffusers  # noqa: F401
 
-        from . import diffusers as _lib_diffusers  # noqa: F401
+        from .. import diffusers as _lib_diffusers  # noqa: F401
     except Exception as err:  # noqa: BLE001
         return {}, {"skipped": f"whole forward needs diffusers and lib_vsf.diffusers: {err!r:.200}"}
     t0 = time.perf_counter()

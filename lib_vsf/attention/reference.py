@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from .layout import IMAGE, NEGATIVE, POSITIVE, TokenLayout
+from ..layout import IMAGE, NEGATIVE, POSITIVE, TokenLayout
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:

@@ -44,8 +44,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .attention_reference import vsf_joint_reference
-from .layout import NEGATIVE, TokenLayout
+from .reference import vsf_joint_reference
+from ..layout import NEGATIVE, TokenLayout
 
 # ---------------------------------------------------------------------------------------------------------
 # Attention with log-sum-exp: backends
@@ -286,7 +286,7 @@ _ON = ("1", "on", "true", "yes", "force")
 
 def _triton_module():
     try:
-        from . import attention_triton
+        from . import triton_kernels as attention_triton
     except Exception:  # noqa: BLE001
         return None
     return attention_triton if attention_triton.AVAILABLE else None
@@ -295,7 +295,7 @@ def _triton_module():
 def _triton_check(mod, kind: str, device, dtype, head_dim: int) -> bool:
     """Does the Triton kernel `kind` agree with the float32 torch math on small problems here?"""
     if kind == "n0" and dtype == torch.float32:
-        return False  # tensor-core dots: 16-bit inputs only (see attention_triton)
+        return False  # tensor-core dots: 16-bit inputs only (see triton_kernels.py)
     g = torch.Generator().manual_seed(4321)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(device=device, dtype=dtype)  # noqa: E731
@@ -330,7 +330,7 @@ def _triton_check(mod, kind: str, device, dtype, head_dim: int) -> bool:
 
 
 def _triton_kernel(kind: str, q: torch.Tensor, supported: Callable):
-    """The attention_triton module if its `kind` kernel ("merge" or "n0") should serve `q`, else None."""
+    """The triton_kernels module if its `kind` kernel ("merge" or "n0") should serve `q`, else None."""
     flag = os.environ.get("VSF_TRITON", "").strip().lower()
     if flag in _OFF or q.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return None

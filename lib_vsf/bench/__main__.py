@@ -1,0 +1,4 @@
+"""`python -m lib_vsf.bench`."""
+from .runner import main
+
+raise SystemExit(main())
