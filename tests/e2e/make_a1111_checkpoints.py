@@ -129,12 +129,17 @@ def build_sdxl(webui: str, seed: int):
 
 
 def _sd3_modules(webui: str):
-    """A1111's sd3 code imports modules.shared (cmd_opts parsed from sys.argv at import): give it CPU flags."""
+    """A1111's sd3 code pulls in modules.shared (cmd_opts parsed from sys.argv at import) and, through
+    sd_hijack, most of the WebUI, whose modules import each other in a cycle that only resolves in the order
+    the WebUI itself uses: run A1111's own `initialize.imports()` first, with CPU flags."""
     saved_argv, saved_cwd = sys.argv, os.getcwd()
     sys.argv = [saved_argv[0], "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full",
                 "--skip-prepare-environment", "--skip-version-check", "--skip-python-version-check"]
     os.chdir(webui)
     try:
+        from modules import initialize
+
+        initialize.imports()
         from modules.models.sd3 import mmdit, other_impls, sd3_cond, sd3_impls
     finally:
         sys.argv = saved_argv

@@ -13,6 +13,8 @@ Environment knobs (all optional):
     VSF_E2E_STARTUP_TIMEOUT   seconds to wait for the API (default 300)
     VSF_E2E_REQUEST_TIMEOUT   seconds per request (default 300)
     VSF_E2E_KEEP_LOG=1        print the log tail when the server stops
+    VSF_E2E_EXTENSION_DIR     the extension checkout to link (default: this repository), e.g. a merge
+                              candidate checked out elsewhere, tested with this checkout's tests
 """
 from __future__ import annotations
 
@@ -117,17 +119,23 @@ def vsf_keys() -> dict:
     return INFOTEXT_KEYS
 
 
+def extension_source() -> str:
+    return os.path.abspath(os.environ.get("VSF_E2E_EXTENSION_DIR") or REPO)
+
+
 def link_extension(host_dir: str) -> str:
-    """Symlink this repository as <host>/extensions/sd-webui-vsf; a stale link to it is recreated."""
+    """Symlink the extension (this repository unless VSF_E2E_EXTENSION_DIR) as <host>/extensions/sd-webui-vsf;
+    a stale link to it is recreated."""
+    source = extension_source()
     link = os.path.join(host_dir, "extensions", EXT_LINK_NAME)
     if os.path.islink(link):
-        if os.path.realpath(link) != os.path.realpath(REPO):
+        if os.path.realpath(link) != os.path.realpath(source):
             raise RuntimeError(f"{link} links somewhere else ({os.readlink(link)}); remove it first")
         os.unlink(link)
     elif os.path.exists(link):
         raise RuntimeError(f"{link} exists and is not a symlink to this repository; move it away first")
     os.makedirs(os.path.dirname(link), exist_ok=True)
-    os.symlink(REPO, link)
+    os.symlink(source, link)
     return link
 
 
