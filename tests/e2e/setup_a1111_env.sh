@@ -17,9 +17,10 @@
 #                     (https://github.com/AUTOMATIC1111/stable-diffusion-webui.git)
 #   A1111_COMMIT      (82a973c0, tag v1.10.1)
 #   REPOS_MIRROR      a folder holding local clones named as A1111's repositories/ folder names
-#                     (stable-diffusion-stability-ai, generative-models, k-diffusion); when unset, each
-#                     is cloned from the URL A1111's modules/launch_utils.py names (or STABLE_DIFFUSION_REPO,
-#                     STABLE_DIFFUSION_XL_REPO, K_DIFFUSION_REPO, as A1111 itself reads them).
+#                     (stable-diffusion-stability-ai, generative-models, k-diffusion,
+#                     stable-diffusion-webui-assets); one it lacks, or all when unset, is cloned from the URL
+#                     A1111's modules/launch_utils.py names (or STABLE_DIFFUSION_REPO, STABLE_DIFFUSION_XL_REPO,
+#                     K_DIFFUSION_REPO, ASSETS_REPO, as A1111 itself reads them).
 #                     Commits: always the ones launch_utils.py pins.
 #   CLIP_URL          openai/CLIP git URL or local mirror (https://github.com/openai/CLIP.git); the commit is
 #                     the one launch_utils.py pins (d50d76da); installed with --no-deps (k-diffusion imports it)
@@ -86,14 +87,16 @@ pin() {
 }
 
 # With --skip-prepare-environment A1111 clones nothing at startup. Of what prepare_environment() would
-# clone, the server needs these three (model code) and CLIP (k-diffusion imports `clip`); BLIP
-# (interrogate) and stable-diffusion-webui-assets (UI fonts) are not used by the tests.
+# clone, the server needs the three model-code repositories, the UI (not the API) also
+# stable-diffusion-webui-assets (A1111 refuses to start its UI without it), and k-diffusion imports
+# CLIP (below); BLIP (interrogate) is not used by the tests.
 for entry in "stable_diffusion:stable-diffusion-stability-ai:STABLE_DIFFUSION_REPO" \
              "stable_diffusion_xl:generative-models:STABLE_DIFFUSION_XL_REPO" \
-             "k_diffusion:k-diffusion:K_DIFFUSION_REPO"; do
+             "k_diffusion:k-diffusion:K_DIFFUSION_REPO" \
+             "assets:stable-diffusion-webui-assets:ASSETS_REPO"; do
     IFS=: read -r var folder envname <<<"$entry"
     commit="$(pin "${var}_commit_hash")"
-    if [[ -n "${REPOS_MIRROR:-}" ]]; then
+    if [[ -n "${REPOS_MIRROR:-}" && -d "$REPOS_MIRROR/$folder" ]]; then
         url="$REPOS_MIRROR/$folder"
     else
         url="${!envname:-$(pin "${var}_repo")}"

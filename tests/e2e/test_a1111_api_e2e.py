@@ -26,8 +26,11 @@ extensions/sd-webui-vsf, removed afterwards) serves every family: the checkpoint
     `uncond + (cond - uncond) * 0` is the uncond rows alone, bit for bit) the image is the plain CFG-0 image,
     at CFG 5 it differs from the plain CFG-5 image;
   - the step window by image: 3 steps are at fractions 0, 1/3, 2/3, so `[0.6, 1)` guides the last step
-    only and must differ from unguided, while `[0.7, 1)` holds no step and an empty negative steers from
-    nothing: both exactly unguided;
+    only and must differ from unguided, while `[0.7, 1)` holds no step: exactly the host's own single
+    conditional pass (`skip_early_cond` 1.0: A1111 has no CFG-1 shortcut, and its plain CFG-1 image,
+    `uncond + (cond - uncond) * 1`, differs from the cond row alone by float rounding); an empty negative
+    steers from nothing: exactly the plain image;
+  - "VSF changed the image" is always checked against that single-pass image (txt2img, img2img, hires);
   - afterwards a request without the extension, and one with it disabled, is the baseline bit for bit;
   - the server log holds no error report that involves the extension.
 """
@@ -100,6 +103,7 @@ VSF = {"enabled": True, "method": "vsf", "alpha": 3.3, "beta": 0.2}
 HIRES = {"enable_hr": True, "hr_scale": 1.5, "hr_upscaler": "Latent", "hr_second_pass_steps": 2,
          "denoising_strength": 0.5}
 IMG2IMG = {"denoising_strength": 0.6}
+SINGLE_PASS = {"skip_early_cond": 1.0}
 
 
 def vsf_args(**settings) -> dict:
@@ -112,6 +116,12 @@ def pixels(data: dict, k: int = 0):
 
 def same(a: dict, b: dict) -> bool:
     return bool((pixels(a) == pixels(b)).all())
+
+
+def assert_same(a: dict, b: dict, message: str):
+    """Bit for bit; the failure names the largest pixel difference, not the two base64 responses."""
+    if not same(a, b):
+        raise AssertionError(f"{message} (max pixel difference {abs(pixels(a) - pixels(b)).max()}/255)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,6 +201,18 @@ class Family:
     def img2img_vsf(self) -> dict:
         return self.cached("img2img vsf", lambda: self.img2img_ok("img2img VSF", alwayson_scripts=vsf_args()))
 
+    # The host's own single conditional pass (`skip_early_cond` 1.0 skips every uncond row): what VSF's
+    # "single pass" runs when no step is guided. A1111 has no CFG-1 shortcut: its plain CFG-1 image is
+    # `uncond + (cond - uncond) * 1` over a batch of 2, which differs from the cond row alone by float
+    # rounding, so "VSF changed the image" must be checked against this, not against the baseline.
+    def single_pass_plain(self) -> dict:
+        return self.cached("single pass plain", lambda: self.txt2img_ok(
+            "unguided, host's own single pass", override_settings=SINGLE_PASS))
+
+    def img2img_single_pass_plain(self) -> dict:
+        return self.cached("img2img single pass plain", lambda: self.img2img_ok(
+            "img2img unguided, host's own single pass", override_settings=SINGLE_PASS))
+
 
 @pytest.fixture(scope="module", params=selected_families())
 def fam(request, a1111):
@@ -266,10 +288,10 @@ def test_02_vsf_list_and_dict_forms(fam, form):
     else:
         data = fam.vsf_dict()
     assert_vsf_infotext(infotexts(data)[0])
-    assert (pixels(data) != pixels(fam.baseline)).any(), "VSF image equals the unguided one"
+    assert (pixels(data) != pixels(fam.single_pass_plain())).any(), "VSF image equals the unguided single pass"
     other = fam.results.get("vsf" if form == "positional" else "positional")
     if other is not None:
-        assert same(data, other), "positional and dict forms gave different images"
+        assert_same(data, other, "positional and dict forms gave different images")
 
 
 def test_03_png_info_reads_the_vsf_infotext_back(fam):
@@ -288,11 +310,12 @@ def test_04_img2img_is_guided(fam):
     plain, guided = fam.img2img_plain(), fam.img2img_vsf()
     assert "VSF" not in infotexts(plain)[0]
     assert_vsf_infotext(infotexts(guided)[0])
-    assert (pixels(plain) != pixels(guided)).any(), "VSF img2img equals the unguided img2img"
+    assert (pixels(fam.img2img_single_pass_plain()) != pixels(guided)).any(), \
+        "VSF img2img equals the unguided single-pass img2img"
 
 
 def test_05_hires_pass_is_guided(fam):
-    plain = fam.txt2img_ok("hires unguided", **HIRES)
+    plain = fam.txt2img_ok("hires unguided, host's own single pass", **HIRES, override_settings=SINGLE_PASS)
     guided = fam.txt2img_ok("hires VSF", **HIRES, alwayson_scripts=vsf_args())
     assert_vsf_infotext(infotexts(guided)[0])
     a, b = pixels(plain), pixels(guided)
@@ -390,7 +413,8 @@ def test_08b_bad_positional_list_refused(fam):
     bad = vsf_positional(fam.server, "x", 0.2)
     status, data = fam.txt2img("bad positional alpha", alwayson_scripts={SCRIPT_TITLE: {"args": bad}})
     assert 400 <= status < 500 and "alpha" in json.dumps(data).lower(), (status, data)
-    assert same(fam.txt2img_ok("VSF after bad positional", alwayson_scripts=vsf_args()), fam.vsf_dict())
+    assert_same(fam.txt2img_ok("VSF after bad positional", alwayson_scripts=vsf_args()), fam.vsf_dict(),
+                "VSF after a refused positional list differs from before")
 
 
 def test_09_interrupt_then_next_request_unchanged(fam):
@@ -416,8 +440,9 @@ def test_09_interrupt_then_next_request_unchanged(fam):
     assert not worker.is_alive(), "interrupted request did not return"
     status, data = box["result"]
     assert status == 200, (status, data)
-    assert same(fam.txt2img_ok("VSF after interrupt", alwayson_scripts=vsf_args()), fam.vsf_dict())
-    assert same(fam.txt2img_ok("unguided after interrupt"), fam.baseline)
+    assert_same(fam.txt2img_ok("VSF after interrupt", alwayson_scripts=vsf_args()), fam.vsf_dict(),
+                "VSF after an interrupted run differs from before")
+    assert_same(fam.txt2img_ok("unguided after interrupt"), fam.baseline, "unguided after an interrupted run differs")
 
 
 def test_10_batch_equals_each_image_alone(fam):
@@ -441,7 +466,7 @@ def test_11_cfg_kept_with_uncond_rows_unguided(fam):
     args = vsf_args(single_pass=False)
     plain0 = fam.txt2img_ok("unguided CFG 0", cfg_scale=0.0)
     vsf0 = fam.txt2img_ok("VSF, single pass off, CFG 0", cfg_scale=0.0, alwayson_scripts=args)
-    assert same(vsf0, plain0), "at CFG 0 the image is the uncond rows alone: VSF changed them"
+    assert_same(vsf0, plain0, "at CFG 0 the image is the uncond rows alone: VSF changed them")
     plain5 = fam.txt2img_ok("unguided CFG 5", cfg_scale=5.0)
     vsf5 = fam.txt2img_ok("VSF, single pass off, CFG 5", cfg_scale=5.0, alwayson_scripts=args)
     assert (pixels(vsf5) != pixels(plain5)).any(), "VSF with CFG kept equals plain CFG (cond rows unguided)"
@@ -455,27 +480,29 @@ def test_11_cfg_kept_with_uncond_rows_unguided(fam):
 def test_12_step_window_by_image(fam, case):
     if case == "last-step-only":
         data = fam.txt2img_ok("VSF window [0.6, 1): last of 3 steps", alwayson_scripts=vsf_args(start=0.6, end=1.0))
-        assert (pixels(data) != pixels(fam.baseline)).any(), \
+        assert (pixels(data) != pixels(fam.single_pass_plain())).any(), \
             "a window holding only the last step (2/3) gave the unguided image: that step was not guided"
         early = fam.txt2img_ok("VSF window [0, 0.3): first of 3 steps", alwayson_scripts=vsf_args(start=0.0, end=0.3))
-        assert (pixels(early) != pixels(data)).any() and (pixels(early) != pixels(fam.baseline)).any()
+        assert (pixels(early) != pixels(data)).any() and (pixels(early) != pixels(fam.single_pass_plain())).any()
     elif case == "no-step":
         data = fam.txt2img_ok("VSF window [0.7, 1): no step", alwayson_scripts=vsf_args(start=0.7, end=1.0))
-        assert same(data, fam.baseline), "a window no step falls in changed the image"
+        assert_same(data, fam.single_pass_plain(),
+                    "a window no step falls in gave another image than the host's own single pass")
     else:
         data = fam.txt2img_ok("VSF on, empty negative", negative_prompt="", alwayson_scripts=vsf_args())
         plain = fam.txt2img_ok("unguided, empty negative", negative_prompt="")
-        assert same(data, plain), "an empty negative changed the image"
+        assert_same(data, plain, "an empty negative changed the image")
 
 
 def test_13_unguided_after_vsf_is_bit_identical(fam):
     plain = fam.txt2img_ok("unguided after all VSF calls")
     assert "VSF" not in infotexts(plain)[0]
-    assert same(plain, fam.baseline), "unguided image changed after VSF calls"
+    assert_same(plain, fam.baseline, "unguided image changed after VSF calls")
     off = fam.txt2img_ok("extension disabled (args [false])", alwayson_scripts={SCRIPT_TITLE: {"args": [False]}})
     assert "VSF" not in infotexts(off)[0]
-    assert same(off, fam.baseline), "disabled extension changed the image"
-    assert same(fam.img2img_ok("img2img unguided after all VSF calls"), fam.img2img_plain())
+    assert_same(off, fam.baseline, "disabled extension changed the image")
+    assert_same(fam.img2img_ok("img2img unguided after all VSF calls"), fam.img2img_plain(),
+                "unguided img2img changed after VSF calls")
 
 
 def test_14_server_log_has_no_extension_errors(fam):

@@ -75,3 +75,16 @@ def test_harness_reports_a_host_that_dies_at_startup(tmp_path, monkeypatch):
         with webui_server.running(server):
             pass
     assert not os.path.lexists(host / "extensions" / webui_server.EXT_LINK_NAME)
+
+
+def test_harness_links_the_extension_dir_it_is_given(tmp_path, monkeypatch):
+    other = tmp_path / "candidate"
+    other.mkdir()
+    host = tmp_path / "host"
+    monkeypatch.setenv("VSF_E2E_EXTENSION_DIR", str(other))
+    link = webui_server.link_extension(str(host))
+    assert os.path.realpath(link) == os.path.realpath(other)
+    monkeypatch.delenv("VSF_E2E_EXTENSION_DIR")
+    with pytest.raises(RuntimeError, match="links somewhere else"):
+        webui_server.link_extension(str(host))  # never replaces a link to another checkout
+    os.unlink(link)
