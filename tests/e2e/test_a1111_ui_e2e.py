@@ -162,7 +162,9 @@ def choose(driver, name: str, option: str):
     driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
     box.click()
     item = wait_for(driver, lambda d: d.execute_script(
-        "return [...gradioApp().querySelectorAll(arguments[0])].find(li => li.textContent.trim() === arguments[1]);",
+        # gradio 3.41 puts a (hidden) check mark inside every item: compare the text without it
+        "return [...gradioApp().querySelectorAll(arguments[0])].find(li => "
+        "li.getAttribute('data-value') === arguments[1] || li.textContent.replace('\u2713', '').trim() === arguments[1]);",
         f"#{el_id(name)} ul li", option), 10, f"no option {option!r} in {name}")
     item.click()
     wait_for(driver, lambda d: dropdown_value(d, name) == option, 10, f"{name} did not show {option!r}")
