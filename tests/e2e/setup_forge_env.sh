@@ -9,9 +9,10 @@
 #
 # Environment overrides (defaults are what was seen working on 2026-11-26, Linux x86_64, CPU only):
 #   PYTHON            interpreter for the venv            (python3.11; Forge wants 3.10/3.11)
-#   FORGE_URL         Forge git URL or local mirror      (https://github.com/lllyasviel/stable-diffusion-webui-forge.git)
+#   FORGE_URL         Forge git URL, or a local mirror (a path or file:// URL of a clone that holds
+#                     FORGE_COMMIT)                      (https://github.com/lllyasviel/stable-diffusion-webui-forge.git)
 #   FORGE_COMMIT      Forge commit                       (dfdcbab6: "Fix SD upscale Batch count (#2950)")
-#   HFG_URL           huggingface_guess git URL / mirror (https://github.com/lllyasviel/huggingface_guess.git)
+#   HFG_URL           huggingface_guess git URL or local mirror (https://github.com/lllyasviel/huggingface_guess.git)
 #   HFG_COMMIT        the commit Forge's launch_utils.py pins (84826248...). Its HEAD (7094202) lists
 #                     SD3.5 before SD3 and sends the tiny checkpoint to a config Forge does not bundle.
 #   TORCH_PACKAGES    ("torch==2.12.1 torchvision==0.27.1": PyPI's CUDA-13 builds, which run on CPU;
@@ -21,8 +22,9 @@
 #                     (then pick a pair that index has, e.g. TORCH_PACKAGES="torch==2.3.1 torchvision==0.18.1")
 #   SKIP_CHECKPOINT=1 don't build the tiny checkpoint (the test builds it when missing)
 #
-# Afterwards:
-#   VSF_FORGE_DIR=<FORGE_DIR> VSF_FORGE_PYTHON=<VENV_DIR>/bin/python python -m pytest -v -s tests/e2e
+# Afterwards (from the repository root, with the project's own venv; see tests/e2e/README.md):
+#   VSF_FORGE_DIR=<FORGE_DIR> VSF_FORGE_PYTHON=<VENV_DIR>/bin/python python -m pytest -v -s tests/e2e/test_forge_api_e2e.py
+# VSF_E2E_PORT fixes the server port, VSF_E2E_LOG_DIR the folder of the server log (forge-server.log).
 set -euo pipefail
 
 if [[ -n "${CI:-}" || -n "${GITHUB_ACTIONS:-}" ]]; then
@@ -114,7 +116,8 @@ fi
 step "done"
 cat <<EOF
 Run the end-to-end test (starts and stops its own server on 127.0.0.1):
-  VSF_FORGE_DIR=$FORGE_DIR VSF_FORGE_PYTHON=$PY python -m pytest -v -s tests/e2e
+  VSF_FORGE_DIR=$FORGE_DIR VSF_FORGE_PYTHON=$PY python -m pytest -v -s tests/e2e/test_forge_api_e2e.py
+  (optional: VSF_E2E_PORT=<port>, VSF_E2E_LOG_DIR=<folder for forge-server.log>)
 Or start the server by hand:
   cd $FORGE_DIR && $PY launch.py --nowebui --api --always-cpu --skip-torch-cuda-test \\
       --skip-prepare-environment --skip-python-version-check --skip-version-check \\

@@ -9,9 +9,11 @@ Optional: VSF_FORGE_CKPT (tiny checkpoint; default <forge>/models/Stable-diffusi
 built with tests/e2e/make_tiny_sd3_checkpoint.py when missing), VSF_FORGE_STARTUP_TIMEOUT (s, default 300),
 VSF_FORGE_REQUEST_TIMEOUT (s, default 300), VSF_FORGE_KEEP_LOG=1 (print the server log at the end).
 
-The module starts `launch.py --nowebui --api --always-cpu ...` itself on a free 127.0.0.1 port, with this
-repository symlinked as <forge>/extensions/sd-webui-vsf (removed afterwards) and its own settings file
-(live previews off, T5 off), waits for it with a bounded timeout and stops it in a `finally`. About a dozen
+The module starts `launch.py --nowebui --api --always-cpu ...` itself on 127.0.0.1 through the shared
+harness `webui_server.py` (free port unless VSF_E2E_PORT is set; server log in
+<temp>/vsf-e2e/forge-server.log unless VSF_E2E_LOG_DIR is set), with this repository symlinked as
+<forge>/extensions/sd-webui-vsf (removed afterwards) and its own settings file (live previews off, T5 off),
+waits for it with a bounded timeout and stops it in a `finally`. About a dozen
 64x64, 3-step requests in all; nothing leaves the loopback interface.
 
 Checks (the issue's a-d):
@@ -29,35 +31,28 @@ Checks (the issue's a-d):
 """
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
-import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from webui_server import (  # noqa: E402  (the shared live-server harness, next to this file)
+    SCRIPT_TITLE, ServerError, WebUIServer, decode_image as _decode, env_float, extension_errors,
+    infotext_value, infotexts, params_line, vsf_keys,
+)
 
 FORGE_DIR = os.environ.get("VSF_FORGE_DIR", "")
 FORGE_PYTHON = os.environ.get("VSF_FORGE_PYTHON", "")
-STARTUP_TIMEOUT = float(os.environ.get("VSF_FORGE_STARTUP_TIMEOUT", "300"))
-REQUEST_TIMEOUT = float(os.environ.get("VSF_FORGE_REQUEST_TIMEOUT", "300"))
+STARTUP_TIMEOUT = env_float("VSF_FORGE_STARTUP_TIMEOUT", env_float("VSF_E2E_STARTUP_TIMEOUT", 300))
+REQUEST_TIMEOUT = env_float("VSF_FORGE_REQUEST_TIMEOUT", env_float("VSF_E2E_REQUEST_TIMEOUT", 300))
 CKPT_NAME = "vsf-tiny-sd3.safetensors"
-EXT_LINK_NAME = "sd-webui-vsf"
-SCRIPT_TITLE = "Value Sign Flip"
-HOST = "127.0.0.1"
 
 pytestmark = pytest.mark.skipif(
     not (FORGE_DIR and FORGE_PYTHON),
@@ -86,100 +81,18 @@ LAUNCH_FLAGS = [
 ]
 
 
-# --------------------------------------------------------------------------------------------------
-# helpers
+class Forge(WebUIServer):
+    """The running server, plus the baseline made before any VSF call and results shared between checks."""
 
-# Direct connections only (a user's http_proxy must not see loopback requests).
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    baseline: dict | None = None
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def _tail(path: str, n: int = 80) -> str:
-    try:
-        with open(path, "r", errors="replace") as f:
-            return "".join(f.readlines()[-n:])
-    except OSError:
-        return "<no log>"
-
-
-def _decode(b64: str):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
-
-
-class Forge:
-    """The running server: request helpers, the baseline made before any VSF call, timings."""
-
-    def __init__(self, port: int, log_path: str, proc: subprocess.Popen):
-        self.url = f"http://{HOST}:{port}"
-        self.log_path = log_path
-        self.proc = proc
-        self.timings: list[tuple[str, float, int]] = []
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.results: dict[str, dict] = {}
-        self.baseline: dict | None = None
-
-    def request(self, method: str, path: str, body=None, label: str = "", timeout: float = REQUEST_TIMEOUT):
-        """(status, parsed JSON); HTTP errors are returned, not raised."""
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
-        t0 = time.monotonic()
-        try:
-            with _OPENER.open(req, timeout=timeout) as r:
-                status, raw = r.status, r.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        self.timings.append((label or f"{method} {path}", time.monotonic() - t0, status))
-        try:
-            return status, json.loads(raw or b"null")
-        except ValueError:
-            return status, raw.decode(errors="replace")
-
-    def txt2img(self, label: str, **extra):
-        body = dict(BASE_REQUEST)
-        body.update(extra)
-        return self.request("POST", "/sdapi/v1/txt2img", body, label=label)
-
-    def txt2img_ok(self, label: str, **extra) -> dict:
-        status, data = self.txt2img(label, **extra)
-        assert status == 200, f"{label}: HTTP {status}: {data}\n--- server log tail ---\n{_tail(self.log_path)}"
-        assert data.get("images"), f"{label}: no images in response"
-        return data
-
-
-def infotexts(data: dict) -> list[str]:
-    return json.loads(data["info"])["infotexts"]
-
-
-def params_line(text: str) -> str:
-    return text.strip().split("\n")[-1]
-
-
-def infotext_value(text: str, key: str) -> str | None:
-    m = re.search(r"(?:^|, )" + re.escape(key) + r': ("(?:\\.|[^"])*"|[^,]*)', params_line(text))
-    return m.group(1).strip() if m else None
-
-
-def vsf_keys() -> dict:
-    from lib_vsf.settings import INFOTEXT_KEYS
-
-    return INFOTEXT_KEYS
 
 
 def script_info(forge: Forge, name: str) -> dict:
-    status, info = forge.request("GET", "/sdapi/v1/script-info", label="GET script-info")
-    assert status == 200, info
-    for entry in info:
-        if entry["name"] == name.lower() and not entry["is_img2img"]:
-            return entry
-    raise AssertionError(f"script {name!r} not in /sdapi/v1/script-info (txt2img): "
-                         f"{sorted({e['name'] for e in info})}")
+    return forge.script_info(name)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -191,19 +104,6 @@ def _ensure_checkpoint(forge_dir: str) -> str:
         subprocess.run([FORGE_PYTHON, os.path.join(HERE, "make_tiny_sd3_checkpoint.py"),
                         "--forge-dir", forge_dir, "--out", ckpt], check=True, timeout=900)
     return ckpt
-
-
-def _link_extension(forge_dir: str) -> str:
-    link = os.path.join(forge_dir, "extensions", EXT_LINK_NAME)
-    if os.path.islink(link):
-        if os.path.realpath(link) != os.path.realpath(REPO):
-            pytest.fail(f"{link} links somewhere else ({os.readlink(link)}); remove it first")
-        os.unlink(link)  # stale link from an interrupted run: recreate
-    elif os.path.exists(link):
-        pytest.fail(f"{link} exists and is not a symlink to this repository; move it away first")
-    os.makedirs(os.path.dirname(link), exist_ok=True)
-    os.symlink(REPO, link)
-    return link
 
 
 @pytest.fixture(scope="module")
@@ -220,58 +120,23 @@ def forge():
         # live previews would try to download a preview decoder; T5 is not in the tiny checkpoint
         json.dump({"live_previews_enable": False, "sd3_enable_t5": False,
                    "sd_model_checkpoint": os.path.basename(ckpt)}, f)
-    log_path = os.path.join(workdir, "server.log")
-    port = _free_port()
-    cmd = [FORGE_PYTHON, "launch.py", *LAUNCH_FLAGS, "--server-name", HOST, "--port", str(port),
-           "--ui-settings-file", settings_file, "--ckpt", ckpt]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               DO_NOT_TRACK="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    env.pop("VSF_FORGE_DIR", None)
-
-    link = _link_extension(forge_dir)
-    proc = None
-    server = None
-    log = open(log_path, "wb")
+    server = Forge("forge", forge_dir, FORGE_PYTHON,
+                   [*LAUNCH_FLAGS, "--ui-settings-file", settings_file, "--ckpt", ckpt],
+                   base_request=BASE_REQUEST, startup_timeout=STARTUP_TIMEOUT, request_timeout=REQUEST_TIMEOUT)
     try:
-        t0 = time.monotonic()
-        proc = subprocess.Popen(cmd, cwd=forge_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        server = Forge(port, log_path, proc)
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"Forge exited with {proc.returncode} during startup:\n{_tail(log_path)}")
-            if time.monotonic() - t0 > STARTUP_TIMEOUT:
-                pytest.fail(f"Forge not ready after {STARTUP_TIMEOUT:.0f}s:\n{_tail(log_path)}")
-            try:
-                status, _ = server.request("GET", "/sdapi/v1/sd-models", label="startup poll", timeout=5)
-                if status == 200:
-                    break
-            except (urllib.error.URLError, ConnectionError, socket.timeout, OSError):
-                pass
-            time.sleep(1.0)
-        server.timings = [("startup (launch to API ready)", time.monotonic() - t0, 200)]
-
+        try:
+            server.start()
+        except (ServerError, RuntimeError) as e:
+            pytest.fail(str(e))
         # The unguided reference, before any VSF call (check c compares against it).
         server.baseline = server.txt2img_ok("baseline (unguided, before any VSF call)")
         yield server
     finally:
-        if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-            except ProcessLookupError:
-                pass
-        log.close()
-        if os.path.islink(link):
-            os.unlink(link)
-        if server is not None:
-            rows = "\n".join(f"  {label:<55} {secs:7.2f}s  HTTP {status}" for label, secs, status in server.timings)
-            print(f"\n[forge e2e] port {port}, log {log_path}\n{rows}")
-            if os.environ.get("VSF_FORGE_KEEP_LOG"):
-                print(_tail(log_path, 400))
+        server.stop()
+        print(server.report())
+        if os.environ.get("VSF_FORGE_KEEP_LOG") and not os.environ.get("VSF_E2E_KEEP_LOG"):
+            with open(server.log_path, "r", errors="replace") as f:
+                print("".join(f.readlines()[-400:]))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,31 +332,6 @@ def test_c_unguided_after_vsf_is_bit_identical(forge):
     off = forge.txt2img_ok("(c) extension disabled (args [false])", alwayson_scripts={SCRIPT_TITLE: {"args": [False]}})
     assert "VSF" not in infotexts(off)[0]
     assert (_decode(off["images"][0]) == base).all(), "disabled extension changed the image"
-
-
-EXTENSION_MARKERS = re.compile(r"lib_vsf|sd-webui-vsf|scripts/vsf\.py|value sign flip|\[VSF\]|VSFSettingsError", re.I)
-KNOWN_HOST_NOISE = "Failed reading extension data from Git repository"  # symlinked checkout has no `origin`
-
-
-def extension_errors(log_text: str) -> list[str]:
-    """Error reports (`*** ...` blocks, tracebacks) in a host log that involve the extension."""
-    lines = log_text.splitlines()
-    segments, i = [], 0
-    while i < len(lines):
-        line = lines[i]
-        if line.startswith("*** ") or "Traceback (most recent call last)" in line:
-            seg = [lines[i - 1]] if i and not line.startswith("*** ") else []
-            seg.append(line)
-            i += 1
-            while i < len(lines) and (lines[i].startswith((" ", "\t")) or lines[i] == ""):
-                seg.append(lines[i])
-                i += 1
-            if i < len(lines) and not lines[i].startswith("*** "):
-                seg.append(lines[i])  # the exception line of an unindented traceback
-            segments.append("\n".join(seg))
-            continue
-        i += 1
-    return [s for s in segments if EXTENSION_MARKERS.search(s) and KNOWN_HOST_NOISE not in s]
 
 
 def test_z_server_log_has_no_extension_errors(forge):

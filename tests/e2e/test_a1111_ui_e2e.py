@@ -1,0 +1,234 @@
+"""Opt-in browser test: the VSF accordion in a real AUTOMATIC1111 1.10 UI (gradio 3.41), headless Chromium.
+
+Skipped unless VSF_A1111_DIR and VSF_A1111_PYTHON are set (tests/e2e/setup_a1111_env.sh) and selenium plus a
+Chromium/chromedriver pair are installed (Debian: `apt-get install chromium chromium-driver`; PyPI: `selenium`;
+VSF_CHROMIUM / VSF_CHROMEDRIVER override /usr/bin/chromium, /usr/bin/chromedriver). Starts A1111 with its UI
+on 127.0.0.1 (harness: webui_server.py; log a1111-ui-server.log), this repository linked as an extension, and
+checks in the txt2img tab:
+  - the accordion is closed and off at load; opening it ticks its checkbox (the value the script gets) and
+    shows the controls;
+  - every control carries its tooltip (javascript/vsf_tooltips.js), and the labels unique to VSF are in
+    A1111's own `titles` hint table;
+  - picking a preset fills method, alpha and beta (VSF Strong: VSF 3.8/0.2; NAG: NAG 4/0.125);
+  - pasting an infotext with VSF keys into the prompt and pressing the host's paste button sets the
+    accordion on and every VSF control to the pasted values; pasting one without VSF switches it off.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from webui_server import ServerError, WebUIServer, vsf_keys  # noqa: E402
+
+A1111_DIR = os.environ.get("VSF_A1111_DIR", "")
+A1111_PYTHON = os.environ.get("VSF_A1111_PYTHON", "")
+CHROMIUM = os.environ.get("VSF_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("VSF_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    not (A1111_DIR and A1111_PYTHON),
+    reason="opt-in: set VSF_A1111_DIR and VSF_A1111_PYTHON (see tests/e2e/setup_a1111_env.sh)",
+)
+
+UI_FLAGS = [
+    "--api", "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--precision", "full",
+    "--skip-prepare-environment", "--skip-install", "--skip-version-check", "--skip-python-version-check",
+    "--no-download-sd-model",
+]
+# Chromium on a machine with no network: no background fetches, fresh profile (added per run)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1400,2200"]
+TAB = "txt2img"
+
+
+def el_id(name: str) -> str:
+    return f"vsf_{TAB}_{name}"
+
+
+@pytest.fixture(scope="module")
+def ui_server():
+    webui = os.path.abspath(A1111_DIR)
+    ckpt = None
+    for family in ("sdxl", "sd3", "sd15"):  # any one: the UI checks need a model loaded, not a fast one
+        path = os.path.join(webui, "models", "Stable-diffusion", f"vsf-tiny-{family}.safetensors")
+        if os.path.isfile(path):
+            ckpt = path
+            break
+    if ckpt is None:
+        pytest.fail("no vsf-tiny-* checkpoint: run tests/e2e/setup_a1111_env.sh")
+    hf_home = os.environ.get("VSF_A1111_HF_HOME") or webui.rstrip("/") + "-hf"
+    workdir = tempfile.mkdtemp(prefix="vsf-a1111-ui-")
+    settings_file = os.path.join(workdir, "config.json")
+    with open(settings_file, "w") as f:
+        json.dump({"live_previews_enable": False, "sd3_enable_t5": False,
+                   "sd_model_checkpoint": os.path.basename(ckpt)}, f)
+    server = WebUIServer("a1111-ui", webui, A1111_PYTHON,
+                         [*UI_FLAGS, "--ui-settings-file", settings_file, "--ckpt", ckpt],
+                         ready_path="/sdapi/v1/sd-models", env={"HF_HOME": hf_home})
+    try:
+        try:
+            server.start()
+        except (ServerError, RuntimeError) as e:
+            pytest.fail(str(e))
+        yield server
+    finally:
+        server.stop()
+        print(server.report())
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def browser(ui_server):
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+        pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="vsf-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.set_page_load_timeout(120)
+        driver.get(ui_server.url + "/")
+        # the page is ready once A1111's onUiLoaded callbacks ran: the tooltips script sets titles then
+        wait_for(driver, lambda d: d.execute_script(
+            f"const a = gradioApp().querySelector('#{el_id('alpha')}'); return !!(a && a.title);"), 180,
+            "the VSF accordion (with its tooltips) never appeared")
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver, condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    last_error = None
+    while time.monotonic() < deadline:
+        try:
+            value = condition(driver)
+            if value:
+                return value
+        except Exception as e:  # noqa: BLE001 - the DOM changes under us while gradio renders
+            last_error = e
+        time.sleep(0.3)
+    raise AssertionError(f"{what} (after {timeout:.0f}s; last error: {last_error})")
+
+
+def q(driver, css: str):
+    return driver.execute_script("return gradioApp().querySelector(arguments[0]);", css)
+
+
+def enabled_state(driver) -> bool:
+    """The value the script receives: the InputAccordion's hidden gradio checkbox."""
+    return driver.execute_script(f"return gradioApp().querySelector('#{el_id('enabled')}-checkbox input').checked;")
+
+
+def slider_value(driver, name: str) -> float:
+    return float(q(driver, f"#{el_id(name)} input[type=number]").get_attribute("value"))
+
+
+def dropdown_value(driver, name: str) -> str:
+    return q(driver, f"#{el_id(name)} input").get_attribute("value")
+
+
+def is_shown(driver, name: str) -> bool:
+    return driver.execute_script(
+        "const e = gradioApp().querySelector(arguments[0]); return !!e && e.offsetParent !== null;", f"#{el_id(name)}")
+
+
+def open_accordion(driver):
+    if not enabled_state(driver):
+        q(driver, f"#{el_id('enabled')} .label-wrap").click()
+        wait_for(driver, lambda d: enabled_state(d) and is_shown(d, "alpha"), 20, "accordion did not open")
+
+
+def choose(driver, name: str, option: str):
+    """Pick `option` in a gradio 3.41 dropdown (click the input, then the list item)."""
+    box = q(driver, f"#{el_id(name)} input")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    item = wait_for(driver, lambda d: d.execute_script(
+        # gradio 3.41 puts a (hidden) check mark inside every item: compare the text without it
+        "return [...gradioApp().querySelectorAll(arguments[0])].find(li => "
+        "li.getAttribute('data-value') === arguments[1] || li.textContent.replace('\u2713', '').trim() === arguments[1]);",
+        f"#{el_id(name)} ul li", option), 10, f"no option {option!r} in {name}")
+    item.click()
+    wait_for(driver, lambda d: dropdown_value(d, name) == option, 10, f"{name} did not show {option!r}")
+
+
+def paste_infotext(driver, text: str):
+    driver.execute_script(
+        "const t = gradioApp().querySelector('#txt2img_prompt textarea'); t.value = arguments[0]; updateInput(t);",
+        text)
+    q(driver, "#tab_txt2img #paste").click()
+
+
+def test_accordion_closed_then_opens_and_enables(browser):
+    assert not enabled_state(browser), "VSF is on at page load"
+    assert not is_shown(browser, "alpha"), "the accordion's controls are visible while it is closed"
+    open_accordion(browser)
+    for name in ("method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass"):
+        assert is_shown(browser, name), f"{name} not shown in the open accordion"
+
+
+def test_every_control_has_a_tooltip(browser):
+    titles = {name: browser.execute_script("return gradioApp().querySelector(arguments[0]).title;", f"#{el_id(name)}")
+              for name in ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass")}
+    empty = [n for n, t in titles.items() if not t or len(t) < 20]
+    assert not empty, f"controls without a tooltip: {empty}"
+    assert len(set(titles.values())) == len(titles), "two controls share one tooltip"
+    assert "negative" in titles["alpha"].lower() and "negative" in titles["beta"].lower(), titles
+    # A1111's own hint code (hints.js) reads its global `titles` table by label text
+    host_table = browser.execute_script(
+        "return [titles['Alpha (negative strength)'], titles['Single pass (replace CFG)']];")
+    assert host_table == [titles["alpha"], titles["single_pass"]], host_table
+
+
+@pytest.mark.parametrize("preset,method,alpha,beta", [("VSF Strong", "VSF", 3.8, 0.2), ("NAG", "NAG", 4.0, 0.125),
+                                                     ("VSF Quality", "VSF", 3.3, 0.2)])
+def test_preset_fills_the_sliders(browser, preset, method, alpha, beta):
+    open_accordion(browser)
+    choose(browser, "preset", preset)
+    wait_for(browser, lambda d: (dropdown_value(d, "method"), slider_value(d, "alpha"), slider_value(d, "beta"))
+             == (method, alpha, beta), 15,
+             f"preset {preset} did not fill method/alpha/beta with {method}/{alpha}/{beta}: "
+             f"{dropdown_value(browser, 'method')}/{slider_value(browser, 'alpha')}/{slider_value(browser, 'beta')}")
+
+
+def test_paste_from_infotext(browser):
+    keys = vsf_keys()
+    text = ("a photo of a cat\nNegative prompt: dog, blurry\n"
+            "Steps: 3, Sampler: Euler, Schedule type: Automatic, CFG scale: 1, Seed: 42, Size: 64x64, "
+            f"{keys['method']}: nasa, {keys['alpha']}: 0.4, {keys['beta']}: 0.35, {keys['start']}: 0.25, "
+            f"{keys['end']}: 0.75, VSF preset: Custom, VSF single pass: False")
+    # start from a closed accordion with other values, so each control visibly changes
+    open_accordion(browser)
+    choose(browser, "preset", "VSF Strong")
+    q(browser, f"#{el_id('enabled')} .label-wrap").click()
+    wait_for(browser, lambda d: not enabled_state(d), 10, "accordion did not close")
+    paste_infotext(browser, text)
+    wait_for(browser, lambda d: enabled_state(d) and slider_value(d, "alpha") == 0.4, 30,
+             f"paste did not enable VSF with alpha 0.4 (enabled {enabled_state(browser)}, "
+             f"alpha {slider_value(browser, 'alpha')})")
+    assert dropdown_value(browser, "method") == "NASA"
+    assert dropdown_value(browser, "preset") == "Custom"
+    assert (slider_value(browser, "beta"), slider_value(browser, "start"), slider_value(browser, "end")) == (0.35, 0.25, 0.75)
+    single = browser.execute_script(f"return gradioApp().querySelector('#{el_id('single_pass')} input').checked;")
+    assert single is False, "single pass not unticked by the paste"
+    # an infotext without VSF keys turns the accordion off (as the host does for its own options)
+    paste_infotext(browser, "a photo of a cat\nSteps: 3, Sampler: Euler, CFG scale: 1, Seed: 42, Size: 64x64")
+    wait_for(browser, lambda d: not enabled_state(d), 30, "pasting an infotext without VSF left VSF on")
