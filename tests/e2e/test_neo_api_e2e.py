@@ -247,11 +247,15 @@ def _xyz(neo: Neo, axis: str, values: list, dropdown: bool, label: str) -> dict:
     assert axis in choices, [c for c in choices if "VSF" in c]
     nothing = choices.index("Nothing")
     text = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
-    # run(p, x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type, z_values,
-    #     z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
-    #     vary_seeds_x, vary_seeds_y, vary_seeds_z, margin_size, csv_mode)
-    script_args = [choices.index(axis), "" if dropdown else text, list(values) if dropdown else [],
-                   nothing, "", [], nothing, "", [], True, True, False, False, False, False, False, 0, False]
+    # Neo's run(p, x_type, x_values, x_values_dropdown, y_type, y_values, y_values_dropdown, z_type,
+    #     z_values, z_values_dropdown, draw_legend, include_lone_images, include_sub_grids, no_fixed_seeds,
+    #     vary_seeds_x, vary_seeds_y, vary_seeds_z, row_count, margin_size, csv_mode): the first 17 set
+    # here, the rest (Neo adds row_count) keep the defaults script-info reports.
+    head = [choices.index(axis), "" if dropdown else text, list(values) if dropdown else [],
+            nothing, "", [], nothing, "", [], True, True, False, False, False, False, False]
+    defaults = [a["value"] for a in entry["args"]]
+    assert len(defaults) > len(head), entry["args"]
+    script_args = head + defaults[len(head):]
     return neo.txt2img_ok(label, script_name="x/y/z plot", script_args=script_args)
 
 

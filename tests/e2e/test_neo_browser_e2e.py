@@ -153,32 +153,56 @@ def number(driver, slider_id: str) -> float:
     return float(js(driver, "return app.querySelector('#' + arguments[0] + ' input[type=number]').value;", slider_id))
 
 
+def show_tab(driver, tab: str):
+    """The host's own tab switchers (javascript/ui.js)."""
+    js(driver, "switch_to_img2img();" if tab == "img2img" else "switch_to_txt2img();")
+    wait_for(driver, lambda d: js(d, "return app.querySelector(arguments[0]).offsetParent !== null;",
+                                  f"#vsf_{tab}_enabled"), 10, f"the {tab} tab")
+
+
 def vsf_enabled(driver, tab: str = "txt2img") -> bool:
     return bool(js(driver, "return app.querySelector(arguments[0]).checked;", f"#vsf_{tab}_enabled-visible-checkbox"))
 
 
 def set_vsf(driver, on: bool, tab: str = "txt2img"):
     if vsf_enabled(driver, tab) != on:
-        element(driver, f"#vsf_{tab}_enabled-visible-checkbox").click()
+        box = element(driver, f"#vsf_{tab}_enabled-visible-checkbox")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+        box.click()
     wait_for(driver, lambda d: js(d, "return app.querySelector(arguments[0]).checked;",
                                   f"#vsf_{tab}_enabled-checkbox input") == on, 10, f"VSF {'on' if on else 'off'}")
+
+
+def open_accordion(driver, tab: str = "txt2img"):
+    """Open the accordion by its header (a click on the header's checkbox only switches VSF)."""
+    css = f"#vsf_{tab}_enabled .label-wrap"
+    if not js(driver, "return app.querySelector(arguments[0]).classList.contains('open');", css):
+        header = element(driver, css)
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", header)
+        header.click()
+    wait_for(driver, lambda d: js(d, "return app.querySelector(arguments[0]).getBoundingClientRect().height > 0;",
+                                  f"#vsf_{tab}_preset"), 10, "the accordion open")
 
 
 def textarea_disabled(driver, css: str) -> bool:
     return bool(js(driver, "return app.querySelector(arguments[0]).disabled;", css))
 
 
+OPTION_LI = ("return [...document.querySelectorAll('ul.options li')]"
+             ".find(li => li.textContent.replace('\u2713', '').trim() === arguments[0]) || null;")
+
+
 def choose(driver, dropdown_id: str, option: str):
-    """Pick `option` in a gradio 4 dropdown the way a user does: open it, click the entry."""
-    element(driver, f"#{dropdown_id} input").click()
-    wait_for(driver, lambda d: js(d, "return [...app.querySelectorAll('#' + arguments[0] + ' ul.options li')]"
-                                     ".some(li => li.textContent.trim() === arguments[1]);", dropdown_id, option),
-             10, f"option {option!r} in {dropdown_id}")
-    li = js(driver, "return [...app.querySelectorAll('#' + arguments[0] + ' ul.options li')]"
-                    ".find(li => li.textContent.trim() === arguments[1]);", dropdown_id, option)
+    """Pick `option` in a gradio 4 dropdown the way a user does: open it, click the entry (gradio 4
+    renders the open list as a `ul.options` at the end of the document, entries prefixed by a check mark)."""
+    box = element(driver, f"#{dropdown_id} input")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.click()
+    li = wait_for(driver, lambda d: d.execute_script(OPTION_LI, option), 10, f"option {option!r} in {dropdown_id}")
     from selenium.webdriver.common.action_chains import ActionChains
 
     ActionChains(driver).move_to_element(li).click().perform()
+    wait_for(driver, lambda d: dropdown_value(d, dropdown_id) == option, 10, f"{dropdown_id} = {option!r}")
 
 
 def dropdown_value(driver, dropdown_id: str) -> str:
@@ -206,6 +230,8 @@ def test_tooltips(browser):
 
 def test_preset_fills_sliders(browser):
     set_vsf(browser, True)
+    open_accordion(browser)
+    assert vsf_enabled(browser)
     choose(browser, "vsf_txt2img_preset", "VSF Strong")
     wait_for(browser, lambda d: number(d, "vsf_txt2img_alpha") == pytest.approx(3.8), 10, "alpha 3.8")
     assert number(browser, "vsf_txt2img_beta") == pytest.approx(0.2)
@@ -277,6 +303,7 @@ def test_hires_negative_box_follows_vsf(browser):
 
 def test_img2img_negative_box_follows_vsf(browser):
     css = "#img2img_neg_prompt textarea"
+    show_tab(browser, "img2img")
     set_number(browser, "img2img_cfg_scale", 1)
     set_vsf(browser, False, "img2img")
     wait_for(browser, lambda d: textarea_disabled(d, css), 10, "host disables the img2img negative at CFG 1")
@@ -284,9 +311,11 @@ def test_img2img_negative_box_follows_vsf(browser):
     wait_for(browser, lambda d: not textarea_disabled(d, css), 10, "img2img negative editable with VSF on")
     set_vsf(browser, False, "img2img")
     wait_for(browser, lambda d: textarea_disabled(d, css), 10, "img2img negative disabled again")
+    show_tab(browser, "txt2img")
 
 
 def test_negative_typed_at_cfg_1_reaches_the_generation(browser, neo_ui):
+    show_tab(browser, "txt2img")
     # a small, fast image with VSF Quality, from pasted parameters (no VSF keys: the accordion goes off)
     _paste(browser, "a photo of a cat\nSteps: 4, Sampler: Euler, Schedule type: Simple, CFG scale: 1, "
                     "Seed: 42, Size: 64x64")
