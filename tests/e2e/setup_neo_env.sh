@@ -53,6 +53,13 @@ if [[ ! -d "$NEO_DIR/.git" ]]; then
 fi
 git -C "$NEO_DIR" checkout -q "$NEO_COMMIT"
 
+# Chroma's bundled tokenizer folder lacks tokenizer.json (the T5 tokenizer Flux bundles is the same one);
+# without it Neo fails to load a Chroma checkpoint offline.
+CHROMA_TOK="$NEO_DIR/backend/huggingface/Chroma/tokenizer"
+if [[ -d "$CHROMA_TOK" && ! -f "$CHROMA_TOK/tokenizer.json" ]]; then
+    cp "$NEO_DIR/backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2/tokenizer.json" "$CHROMA_TOK/"
+fi
+
 step "virtual environment: $VENV_DIR ($PYTHON)"
 if [[ ! -x "$VENV_DIR/bin/python" ]]; then
     "$PYTHON" -m venv "$VENV_DIR"
