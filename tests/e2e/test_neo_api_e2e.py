@@ -233,9 +233,6 @@ def test_a_hires_fix_pass_is_guided_too(neo):
     a, b = image(plain), image(guided)
     assert a.shape == b.shape == (96, 96, 3), (a.shape, b.shape)
     assert (a != b).any(), "VSF hires image equals the unguided hires image"
-    # the first pass alone is the plain (a) image; hires must not only inherit the first pass's change:
-    # a window that covers no first-pass step but the hires steps would need the host's pass index, so
-    # the check here is the whole image.
 
 
 # --------------------------------------------------------------------------------------------------
