@@ -330,6 +330,7 @@ def test_negative_typed_at_cfg_1_reaches_the_generation(browser, neo_ui):
     box.clear()
     box.send_keys(TYPED_NEGATIVE)  # real key events, as a user types
     assert js(browser, "return app.querySelector(arguments[0]).value;", NEG) == TYPED_NEGATIVE
+    shown = {name: number(browser, f"vsf_txt2img_{name}") for name in ("alpha", "beta", "start", "end")}
     element(browser, "#txt2img_generate").click()
     info = wait_for(browser, lambda d: (js(d, "const el = app.querySelector('#html_info_txt2img');"
                                               "return el && el.textContent.includes('VSF method') ? el.textContent : '';")),
@@ -337,6 +338,12 @@ def test_negative_typed_at_cfg_1_reaches_the_generation(browser, neo_ui):
     assert f"Negative prompt: {TYPED_NEGATIVE}" in info, info
     assert "VSF method: vsf" in info and "VSF alpha: 3.3" in info, info
     assert "CFG scale: 1" in info, info
+    # what the sliders show is what the generation used
+    for name, value in shown.items():
+        key = f"VSF {name}: "
+        assert key in info, info
+        used = float(info.split(key, 1)[1].split(",", 1)[0])
+        assert used == pytest.approx(value), f"slider {name} shows {value}, the image used {used}: {info}"
 
 
 def test_server_log_has_no_extension_errors(neo_ui):
