@@ -1,0 +1,213 @@
+"""Random-weight single-file checkpoints that Forge Neo loads, for the opt-in e2e tests.
+
+    python make_tiny_neo_checkpoint.py --neo-dir NEO --family {sd15,flux,chroma,wan} [--out FILE] [--seed N]
+
+Run it with Neo's own python (its venv): the tensor names and shapes come from Neo's own model classes,
+built on the meta device, so what is written is exactly what Neo's loader expects. Values are random
+(deterministic for a seed): matrices N(0, 1/fan_in), 1-D weights/scales 1, biases 0 — no zero-initialised
+output layer, so cross-attention (and with it the negative prompt) changes the image.
+
+What Neo's detection fixes, and so what each family costs on disk:
+  sd15    the whole UNet at full size (detection matches SD1.5 by its exact UNet config), CLIP-L, VAE (fp16): 2.1 GB
+  flux    transformer hidden 256 (2 heads, 1 double + 1 single block; Neo sizes it from the tensors, and
+          looks for BFL names such as `key_norm.scale`), full CLIP-L, full T5-XXL stored in fp8 (its bundled
+          config fixes the size), full Flux VAE: about 5.1 GB
+  chroma  transformer hidden 3072 (detection fixes it through the approximator), 1 double + 1 single block,
+          full T5-XXL (fp8) and VAE: about 6.4 GB
+  wan     Wan 2.1 T2V transformer dim 256 (2 heads, ffn 512, 1 block), full UMT5-XXL (fp8), full Wan VAE:
+          about 6.1 GB
+Default output: <neo>/models/Stable-diffusion/vsf-tiny-<family>.safetensors.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+
+def _neo_imports(neo_dir: str):
+    """Make Neo's `backend` importable as its launcher does (its args parser reads sys.argv at import)."""
+    sys.argv = [sys.argv[0], "--cpu"]
+    for path in (os.path.join(neo_dir, "modules_forge", "packages"), neo_dir):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+
+
+class RandomTensors:
+    """Deterministic random values for a state dict taken from a module built on the meta device."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self.torch = torch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def value(self, name: str, shape: tuple[int, ...], dtype):
+        torch = self.torch
+        if len(shape) >= 2:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            t = torch.randn(shape, generator=self.generator) / fan_in ** 0.5
+        elif name.endswith(("weight", "scale", "gamma")):
+            t = torch.ones(shape)
+        else:
+            t = torch.zeros(shape)
+        return t.to(dtype).contiguous()
+
+    def module(self, build, prefix: str, dtype, skip=(), small_1d_dtype=None, rename=None) -> dict:
+        torch = self.torch
+        with torch.device("meta"):
+            module = build()
+        out = {}
+        for name, meta in module.state_dict().items():
+            if any(s in name for s in skip):
+                continue
+            key = rename(module, name) if rename else name
+            t_dtype = small_1d_dtype if (small_1d_dtype is not None and meta.dim() < 2) else dtype
+            out[prefix + key] = self.value(name, tuple(meta.shape), t_dtype)
+        del module
+        return out
+
+
+def _bfl_norm_names(module, name: str) -> str:
+    """BFL-format Flux/Chroma checkpoints name RMSNorm parameters `.scale` (Neo maps them back on load)."""
+    import torch
+
+    owner, _, leaf = name.rpartition(".")
+    if leaf == "weight":
+        sub = module.get_submodule(owner) if owner else module
+        if isinstance(sub, torch.nn.RMSNorm) or type(sub).__name__ == "RMSNorm":
+            return owner + ".scale"
+    return name
+
+
+def build_sd15(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    hf = os.path.join(neo, "backend", "huggingface", "runwayml", "stable-diffusion-v1-5")
+    unet = dict(in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
+                channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
+                context_dim=768, num_heads=8, num_head_channels=-1, use_spatial_transformer=True,
+                use_linear_in_transformer=False, adm_in_channels=None)
+    sd = rnd.module(lambda: IntegratedUNet2DConditionModel(**unet), "model.diffusion_model.", torch.float16)
+    vae_cfg = IntegratedAutoencoderKL.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: IntegratedAutoencoderKL.from_config(vae_cfg), "first_stage_model.", torch.float16))
+    clip_cfg = CLIPTextConfig.from_pretrained(os.path.join(hf, "text_encoder"))
+    sd.update(rnd.module(lambda: CLIPTextModel(clip_cfg), "cond_stage_model.transformer.", torch.float16,
+                         skip=("position_ids",)))
+    return sd
+
+
+def _t5(neo_hf_dir: str, prefix: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.t5 import IntegratedT5
+    from backend.utils import read_arbitrary_config
+
+    cfg = read_arbitrary_config(neo_hf_dir)
+    # fp8 for the matrices (Neo casts on use); the few 1-D tensors in fp16
+    return rnd.module(lambda: IntegratedT5(cfg), prefix, torch.float8_e4m3fn, skip=("logit_scale",),
+                      small_1d_dtype=torch.float16)
+
+
+def build_flux(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    hf = os.path.join(neo, "backend", "huggingface", "black-forest-labs", "FLUX.1-dev")
+    cfg = dict(in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=256,
+               mlp_ratio=4.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 56, 56], theta=10000,
+               patch_size=2, qkv_bias=True, guidance_embed=True)
+    sd = rnd.module(lambda: IntegratedFluxTransformer2DModel(**cfg), "model.diffusion_model.", torch.bfloat16,
+                    rename=_bfl_norm_names)
+    clip_cfg = CLIPTextConfig.from_pretrained(os.path.join(hf, "text_encoder"))
+    sd.update(rnd.module(lambda: CLIPTextModel(clip_cfg), "text_encoders.clip_l.transformer.", torch.float16,
+                         skip=("position_ids",)))
+    vae_cfg = IntegratedAutoencoderKL.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: IntegratedAutoencoderKL.from_config(vae_cfg), "vae.", torch.float16))
+    sd.update(_t5(os.path.join(hf, "text_encoder_2"), "text_encoders.t5xxl.", rnd))
+    return sd
+
+
+def build_chroma(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.chroma import IntegratedChromaTransformer2DModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from huggingface_guess.detection import detect_unet_config
+
+    # Let Neo's own detection say which config a Chroma checkpoint of this shape gets (hidden 3072 is
+    # fixed by the approximator; depth 1 + 1 from the block names).
+    p = "model.diffusion_model."
+    import torch as _t
+    skeleton = {p + "img_in.weight": _t.empty(3072, 64), p + "txt_in.weight": _t.empty(3072, 4096),
+                p + "double_blocks.0.img_attn.norm.key_norm.scale": _t.empty(128),
+                p + "single_blocks.0.linear1.weight": _t.empty(1, 1),
+                p + "distilled_guidance_layer.norms.0.scale": _t.empty(5120)}
+    cfg = detect_unet_config(skeleton, p)
+    cfg.pop("image_model", None)
+    sd = rnd.module(lambda: IntegratedChromaTransformer2DModel(**cfg), p, torch.bfloat16, rename=_bfl_norm_names)
+    hf = os.path.join(neo, "backend", "huggingface", "Chroma")
+    vae_cfg = IntegratedAutoencoderKL.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: IntegratedAutoencoderKL.from_config(vae_cfg), "vae.", torch.float16))
+    sd.update(_t5(os.path.join(hf, "text_encoder"), "text_encoders.t5xxl.", rnd))
+    return sd
+
+
+def build_wan(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.wan import WanModel
+    from backend.nn.wan_vae import WanVAE
+
+    hf = os.path.join(neo, "backend", "huggingface", "Wan-AI", "Wan2.1-T2V-14B")
+    sd = rnd.module(lambda: WanModel(model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=1,
+                                     in_dim=16, out_dim=16), "model.diffusion_model.", torch.bfloat16)
+    # the (1, 6, dim) modulation tables are added to the time embedding, not multiplied by an input:
+    # small values keep the tiny model's activations in range
+    for key in [k for k in sd if k.endswith("modulation")]:
+        sd[key] = (torch.randn(sd[key].shape, generator=rnd.generator) * 0.02).to(torch.bfloat16)
+    vae_cfg = WanVAE.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: WanVAE.from_config(vae_cfg), "vae.", torch.float16))
+    sd.update(_t5(os.path.join(hf, "text_encoder"), "text_encoders.umt5xxl.", rnd))
+    return sd
+
+
+BUILDERS = {"sd15": build_sd15, "flux": build_flux, "chroma": build_chroma, "wan": build_wan}
+SEEDS = {"sd15": 1234, "flux": 4321, "chroma": 99, "wan": 777}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--neo-dir", required=True)
+    ap.add_argument("--family", required=True, choices=sorted(BUILDERS))
+    ap.add_argument("--out")
+    ap.add_argument("--seed", type=int)
+    args = ap.parse_args()
+    neo = os.path.abspath(args.neo_dir)
+    out = args.out or os.path.join(neo, "models", "Stable-diffusion", f"vsf-tiny-{args.family}.safetensors")
+    _neo_imports(neo)
+
+    import huggingface_guess
+    from safetensors.torch import save_file
+
+    t0 = time.time()
+    rnd = RandomTensors(args.seed if args.seed is not None else SEEDS[args.family])
+    sd = BUILDERS[args.family](neo, rnd)
+    guess = huggingface_guess.guess(dict(sd))
+    print(f"{args.family}: {len(sd)} tensors; Neo detects {type(guess).__name__}", flush=True)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = out + ".partial"
+    save_file(sd, tmp)
+    os.replace(tmp, out)
+    print(f"saved {out} ({os.path.getsize(out) / 1e9:.2f} GB, {time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
