@@ -145,9 +145,14 @@ def a1111():
     workdir = tempfile.mkdtemp(prefix="vsf-a1111-e2e-")
     settings_file = os.path.join(workdir, "config.json")
     with open(settings_file, "w") as f:
-        # live previews would decode every step; one checkpoint in memory at a time; T5 not in the checkpoint
+        # live previews would decode every step; one checkpoint in memory at a time; T5 not in the checkpoint.
+        # `skip_early_cond` written out: A1111 restores an `override_settings` entry only if the option is
+        # already in its settings data (`processing.process_images`: `stored_opts` skips keys not in
+        # `opts.data`), so the host's own single pass (`SINGLE_PASS`) would otherwise stay on for every
+        # later request.
         json.dump({"live_previews_enable": False, "sd_checkpoints_limit": 1, "sd_checkpoint_cache": 0,
-                   "sd3_enable_t5": False, "sd_model_checkpoint": ckpt_name(families[0])}, f)
+                   "sd3_enable_t5": False, "sd_model_checkpoint": ckpt_name(families[0]),
+                   "skip_early_cond": 0.0}, f)
     server = WebUIServer("a1111", webui, A1111_PYTHON,
                          [*LAUNCH_FLAGS, "--ui-settings-file", settings_file, "--ckpt", ckpt_path(families[0])],
                          base_request=BASE_REQUEST, env={"HF_HOME": hf_home})
