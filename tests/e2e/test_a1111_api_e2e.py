@@ -242,25 +242,6 @@ def fam(request, a1111):
 # --------------------------------------------------------------------------------------------------
 # checks (run in this order within each family)
 
-def vsf_positional(server: WebUIServer, alpha, beta, img2img: bool = False) -> list:
-    """The positional list, built from the script's own argument labels in /sdapi/v1/script-info."""
-    entry = server.script_info(SCRIPT_TITLE, img2img=img2img)
-    assert entry["is_alwayson"], entry
-    args = [a["value"] for a in entry["args"]]
-    labels = [(a["label"] or "").lower() for a in entry["args"]]
-    assert isinstance(args[0], bool), f"slot 0 should be the enable checkbox: {entry['args'][0]}"
-
-    def slot(word: str) -> int:
-        hits = [i for i, label in enumerate(labels) if label.startswith(word)]
-        assert len(hits) == 1, f"no single argument labelled {word!r}: {labels}"
-        return hits[0]
-
-    args[0] = True
-    args[slot("method")] = "VSF"
-    args[slot("alpha")] = alpha
-    args[slot("beta")] = beta
-    return args
-
 
 def assert_vsf_infotext(text: str, alpha: float = 3.3, beta: float = 0.2, method: str = "vsf"):
     keys = vsf_keys()
@@ -287,7 +268,7 @@ def test_01_baseline_is_plain(fam):
 @pytest.mark.parametrize("form", ["positional", "dict"])
 def test_02_vsf_list_and_dict_forms(fam, form):
     if form == "positional":
-        args = vsf_positional(fam.server, 3.3, 0.2)
+        args = fam.server.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2})
         data = fam.txt2img_ok("VSF positional", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
         fam.results["positional"] = data
     else:
@@ -415,7 +396,7 @@ def test_08_bad_values_refused_and_next_request_unchanged(fam, mode):
 
 
 def test_08b_bad_positional_list_refused(fam):
-    bad = vsf_positional(fam.server, "x", 0.2)
+    bad = fam.server.vsf_positional({"method": "VSF", "alpha": "x", "beta": 0.2})
     status, data = fam.txt2img("bad positional alpha", alwayson_scripts={SCRIPT_TITLE: {"args": bad}})
     assert 400 <= status < 500 and "alpha" in json.dumps(data).lower(), (status, data)
     assert_same(fam.txt2img_ok("VSF after bad positional", alwayson_scripts=vsf_args()), fam.vsf_dict(),

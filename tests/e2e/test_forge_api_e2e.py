@@ -142,25 +142,9 @@ def forge():
 # --------------------------------------------------------------------------------------------------
 # checks
 
-def _vsf_positional(forge: Forge, alpha, beta) -> list:
-    """The positional list, built from the script's own argument labels in /sdapi/v1/script-info."""
-    entry = script_info(forge, SCRIPT_TITLE)
-    assert entry["is_alwayson"], entry
-    args = [a["value"] for a in entry["args"]]
-    labels = [(a["label"] or "").lower() for a in entry["args"]]
-    assert isinstance(args[0], bool), f"slot 0 should be the enable checkbox: {entry['args'][0]}"
-
-    def slot(word: str) -> int:
-        hits = [i for i, label in enumerate(labels) if label.startswith(word)]
-        assert len(hits) == 1, f"no single argument labelled {word!r}: {labels}"
-        return hits[0]
-
-    args[0] = True
-    args[slot("method")] = "VSF"
-    args[slot("preset")] = "Custom"  # the default preset, Model default, would take the model's numbers
-    args[slot("alpha")] = alpha
-    args[slot("beta")] = beta
-    return args
+def custom_vsf_values(alpha, beta) -> dict:
+    # "Custom": the default preset, Model default, would take the model's numbers instead of these
+    return {"method": "VSF", "preset": "Custom", "alpha": alpha, "beta": beta}
 
 
 def _assert_vsf_infotext(text: str, alpha: float, beta: float):
@@ -186,7 +170,7 @@ def test_baseline_is_plain(forge):
 def test_a_vsf_runs_from_api(forge, form):
     alpha, beta = 3.3, 0.2
     if form == "positional":
-        args = _vsf_positional(forge, alpha, beta)
+        args = forge.vsf_positional(custom_vsf_values(alpha, beta))
     else:
         args = [{"enabled": True, "method": "vsf", "alpha": alpha, "beta": beta}]
     data = forge.txt2img_ok(f"(a) VSF {form} args", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
@@ -284,7 +268,7 @@ def test_d_bad_value_is_a_clear_error(forge, bad):
 
 def test_d_next_call_after_errors_is_unaffected(forge):
     # a bad positional list too, then a good VSF call must equal (a) and an unguided call the baseline
-    bad = _vsf_positional(forge, "x", 0.2)
+    bad = forge.vsf_positional(custom_vsf_values("x", 0.2))
     status, data = forge.txt2img("(d) bad positional alpha", alwayson_scripts={SCRIPT_TITLE: {"args": bad}})
     assert status >= 400 and "alpha" in json.dumps(data).lower(), (status, data)
     good = forge.txt2img_ok("(d) VSF dict after errors", alwayson_scripts={

@@ -156,25 +156,6 @@ def neo(request):
         print(server.report())
 
 
-def _positional(neo: Neo, alpha, beta) -> list:
-    """The positional list, from the script's own argument labels in /sdapi/v1/script-info."""
-    entry = neo.script_info(SCRIPT_TITLE)
-    assert entry["is_alwayson"], entry
-    args = [a["value"] for a in entry["args"]]
-    labels = [(a["label"] or "").lower() for a in entry["args"]]
-    assert isinstance(args[0], bool), f"slot 0 should be the enable checkbox: {entry['args'][0]}"
-
-    def slot(word: str) -> int:
-        hits = [i for i, label in enumerate(labels) if label.startswith(word)]
-        assert len(hits) == 1, f"no single argument labelled {word!r}: {labels}"
-        return hits[0]
-
-    args[0] = True
-    args[slot("method")] = "VSF"
-    args[slot("alpha")] = alpha
-    args[slot("beta")] = beta
-    return args
-
 
 def _assert_vsf_infotext(text: str, alpha: float = 3.3, beta: float = 0.2):
     keys = vsf_keys()
@@ -197,7 +178,7 @@ def test_baseline_is_plain(neo):
 
 @pytest.mark.parametrize("form", ["positional", "dict"])
 def test_a_vsf_runs_from_api(neo, form):
-    args = _positional(neo, 3.3, 0.2) if form == "positional" else [dict(VSF)]
+    args = neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2}) if form == "positional" else [dict(VSF)]
     data = neo.txt2img_ok(f"[{neo.family}] (a) VSF {form} args", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
     _assert_vsf_infotext(infotexts(data)[0])
     assert max_diff(image(data), image(neo.baseline)) > 0, "VSF image equals the unguided one"
@@ -331,7 +312,7 @@ def test_d_bad_value_refused_and_next_img2img_unchanged(neo, bad, field):
 
 
 def test_d_guided_request_after_refusals_is_unchanged(neo):
-    bad = _positional(neo, "x", 0.2)
+    bad = neo.vsf_positional({"method": "VSF", "alpha": "x", "beta": 0.2})
     message = _refusal_message(*neo.txt2img(f"[{neo.family}] (d) bad positional alpha",
                                             alwayson_scripts={SCRIPT_TITLE: {"args": bad}}), "positional")
     assert "alpha" in message.lower(), message

@@ -292,6 +292,22 @@ class WebUIServer:
                              f"{sorted({e['name'] for e in info})}")
 
 
+    def vsf_positional(self, values: dict, img2img: bool = False) -> list:
+        """The extension's positional API list: the UI defaults from /sdapi/v1/script-info, slot 0 (the
+        enable checkbox) on, and each `label prefix -> value` of `values` put into the one argument whose
+        label starts with it (e.g. {"method": "VSF", "alpha": 3.3})."""
+        entry = self.script_info(SCRIPT_TITLE, img2img=img2img)
+        assert entry["is_alwayson"], entry
+        args = [a["value"] for a in entry["args"]]
+        labels = [(a["label"] or "").lower() for a in entry["args"]]
+        assert isinstance(args[0], bool), f"slot 0 should be the enable checkbox: {entry['args'][0]}"
+        args[0] = True
+        for word, value in values.items():
+            hits = [i for i, label in enumerate(labels) if label.startswith(word)]
+            assert len(hits) == 1, f"no single argument labelled {word!r}: {labels}"
+            args[hits[0]] = value
+        return args
+
 @contextlib.contextmanager
 def running(server: WebUIServer):
     """Start, yield, always stop (and unlink), then print the timings table."""
