@@ -50,8 +50,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from webui_server import (  # noqa: E402
-    SCRIPT_TITLE, ServerError, WebUIServer, decode_image, encode_image, extension_errors, infotext_value,
-    infotexts, params_line, vsf_keys,
+    SCRIPT_TITLE, WebUIServer, decode_image, extension_errors, infotext_value,
+    infotexts, params_line, running, vsf_keys,
 )
 
 A1111_DIR = os.environ.get("VSF_A1111_DIR", "")
@@ -156,15 +156,8 @@ def a1111():
     server = WebUIServer("a1111", webui, A1111_PYTHON,
                          [*LAUNCH_FLAGS, "--ui-settings-file", settings_file, "--ckpt", ckpt_path(families[0])],
                          base_request=BASE_REQUEST, env={"HF_HOME": hf_home})
-    try:
-        try:
-            server.start()
-        except (ServerError, RuntimeError) as e:
-            pytest.fail(str(e))
+    with running(server, fail=pytest.fail):
         yield server
-    finally:
-        server.stop()
-        print(server.report())
 
 
 class Family:

@@ -2,7 +2,7 @@
 
 Skipped unless VSF_A1111_DIR and VSF_A1111_PYTHON are set (tests/e2e/setup_a1111_env.sh) and selenium plus a
 Chromium/chromedriver pair are installed (Debian: `apt-get install chromium chromium-driver`; PyPI: `selenium`;
-VSF_CHROMIUM / VSF_CHROMEDRIVER override /usr/bin/chromium, /usr/bin/chromedriver). Starts A1111 with its UI
+VSF_CHROMIUM / VSF_CHROMEDRIVER override the binaries on PATH, see browser.py). Starts A1111 with its UI
 on 127.0.0.1 (harness: webui_server.py; log a1111-ui-server.log), this repository linked as an extension, and
 checks in the txt2img tab:
   - the accordion is closed and off at load; opening it ticks its checkbox (the value the script gets) and
@@ -20,7 +20,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -28,12 +27,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from webui_server import ServerError, WebUIServer, vsf_keys  # noqa: E402
+from browser import CHROMEDRIVER, CHROMIUM, chromium_driver, have_chromium, wait_for  # noqa: E402
+from webui_server import WebUIServer, running, vsf_keys  # noqa: E402
 
 A1111_DIR = os.environ.get("VSF_A1111_DIR", "")
 A1111_PYTHON = os.environ.get("VSF_A1111_PYTHON", "")
-CHROMIUM = os.environ.get("VSF_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("VSF_CHROMEDRIVER", "/usr/bin/chromedriver")
 
 pytestmark = pytest.mark.skipif(
     not (A1111_DIR and A1111_PYTHON),
@@ -45,10 +43,6 @@ UI_FLAGS = [
     "--skip-prepare-environment", "--skip-install", "--skip-version-check", "--skip-python-version-check",
     "--no-download-sd-model",
 ]
-# Chromium on a machine with no network: no background fetches, fresh profile (added per run)
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1400,2200"]
 TAB = "txt2img"
 
 
@@ -77,55 +71,25 @@ def ui_server():
                          [*UI_FLAGS, "--ui-settings-file", settings_file, "--ckpt", ckpt],
                          ready_path="/sdapi/v1/sd-models", env={"HF_HOME": hf_home})
     try:
-        try:
-            server.start()
-        except (ServerError, RuntimeError) as e:
-            pytest.fail(str(e))
-        yield server
+        with running(server, fail=pytest.fail):
+            yield server
     finally:
-        server.stop()
-        print(server.report())
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def browser(ui_server):
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
-        pytest.skip(f"no {CHROMIUM} / {CHROMEDRIVER} (apt-get install chromium chromium-driver)")
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="vsf-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS + [f"--user-data-dir={profile}"]:
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(120)
+    pytest.importorskip("selenium.webdriver")
+    if not have_chromium():
+        pytest.skip(f"no {CHROMIUM or 'chromium'} / {CHROMEDRIVER or 'chromedriver'} "
+                    "(apt-get install chromium chromium-driver)")
+    with chromium_driver(["--window-size=1400,2200"], page_load_timeout=120) as driver:
         driver.get(ui_server.url + "/")
         # the page is ready once A1111's onUiLoaded callbacks ran: the tooltips script sets titles then
         wait_for(driver, lambda d: d.execute_script(
             f"const a = gradioApp().querySelector('#{el_id('alpha')}'); return !!(a && a.title);"), 180,
             "the VSF accordion (with its tooltips) never appeared")
         yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait_for(driver, condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last_error = None
-    while time.monotonic() < deadline:
-        try:
-            value = condition(driver)
-            if value:
-                return value
-        except Exception as e:  # noqa: BLE001 - the DOM changes under us while gradio renders
-            last_error = e
-        time.sleep(0.3)
-    raise AssertionError(f"{what} (after {timeout:.0f}s; last error: {last_error})")
 
 
 def q(driver, css: str):

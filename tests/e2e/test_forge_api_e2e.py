@@ -44,8 +44,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from webui_server import (  # noqa: E402  (the shared live-server harness, next to this file)
-    SCRIPT_TITLE, ServerError, WebUIServer, decode_image as _decode, env_float, extension_errors,
-    infotext_value, infotexts, params_line, vsf_keys,
+    SCRIPT_TITLE, WebUIServer, decode_image as _decode, env_float, extension_errors,
+    infotext_value, infotexts, params_line, running, vsf_keys,
 )
 
 FORGE_DIR = os.environ.get("VSF_FORGE_DIR", "")
@@ -124,16 +124,11 @@ def forge():
                    [*LAUNCH_FLAGS, "--ui-settings-file", settings_file, "--ckpt", ckpt],
                    base_request=BASE_REQUEST, startup_timeout=STARTUP_TIMEOUT, request_timeout=REQUEST_TIMEOUT)
     try:
-        try:
-            server.start()
-        except (ServerError, RuntimeError) as e:
-            pytest.fail(str(e))
-        # The unguided reference, before any VSF call (check c compares against it).
-        server.baseline = server.txt2img_ok("baseline (unguided, before any VSF call)")
-        yield server
+        with running(server, fail=pytest.fail):
+            # The unguided reference, before any VSF call (check c compares against it).
+            server.baseline = server.txt2img_ok("baseline (unguided, before any VSF call)")
+            yield server
     finally:
-        server.stop()
-        print(server.report())
         if os.environ.get("VSF_FORGE_KEEP_LOG") and not os.environ.get("VSF_E2E_KEEP_LOG"):
             with open(server.log_path, "r", errors="replace") as f:
                 print("".join(f.readlines()[-400:]))

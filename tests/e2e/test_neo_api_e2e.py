@@ -49,8 +49,8 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from webui_server import (  # noqa: E402
-    SCRIPT_TITLE, ServerError, WebUIServer, decode_image, encode_image, extension_errors, infotext_value,
-    infotexts, params_line, vsf_keys,
+    SCRIPT_TITLE, WebUIServer, decode_image, extension_errors, infotext_value,
+    infotexts, params_line, running, vsf_keys,
 )
 
 NEO_DIR = os.environ.get("VSF_NEO_DIR", "")
@@ -141,19 +141,12 @@ def neo(request):
                    "forge_preset": FAMILY[family]["preset"], "forge_additional_modules": []}, f)
     server = Neo(family, f"neo-{family}", neo_dir, NEO_PYTHON, [*LAUNCH_FLAGS, "--ui-settings-file", settings_file],
                  base_request=dict(BASE_REQUEST, **FAMILY[family]["request"]))
-    try:
-        try:
-            server.start()
-        except (ServerError, RuntimeError) as e:
-            pytest.fail(str(e))
+    with running(server, fail=pytest.fail):
         server.baseline = server.txt2img_ok(f"[{family}] baseline (unguided, before any VSF call)")
         server.init_image = server.baseline["images"][0]
         server.img2img_baseline = server.img2img_ok(f"[{family}] img2img baseline", server.init_image,
                                                     denoising_strength=0.6)
         yield server
-    finally:
-        server.stop()
-        print(server.report())
 
 
 

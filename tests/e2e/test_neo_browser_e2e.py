@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,12 +29,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from webui_server import ServerError, WebUIServer, extension_errors  # noqa: E402
+from browser import chromium_driver, have_chromium, wait_for  # noqa: E402
+from webui_server import WebUIServer, extension_errors, log_path_for, running  # noqa: E402
 
 NEO_DIR = os.environ.get("VSF_NEO_DIR", "")
 NEO_PYTHON = os.environ.get("VSF_NEO_PYTHON", "")
-CHROMIUM = os.environ.get("VSF_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser") or ""
-CHROMEDRIVER = os.environ.get("VSF_CHROMEDRIVER") or shutil.which("chromedriver") or ""
 
 try:
     import selenium  # noqa: F401
@@ -46,7 +44,7 @@ except ImportError:
 pytestmark = [
     pytest.mark.skipif(not (NEO_DIR and NEO_PYTHON),
                        reason="opt-in: set VSF_NEO_DIR and VSF_NEO_PYTHON (see tests/e2e/setup_neo_env.sh)"),
-    pytest.mark.skipif(not (HAVE_SELENIUM and CHROMIUM and CHROMEDRIVER),
+    pytest.mark.skipif(not (HAVE_SELENIUM and have_chromium()),
                        reason="needs selenium (PyPI) and chromium + chromedriver (Debian packages)"),
 ]
 
@@ -55,9 +53,6 @@ pytestmark = [
 NEO_SETTINGS_UID = "PY313"
 LAUNCH_FLAGS = ["--api", "--cpu", "--skip-torch-cuda-test", "--skip-python-version-check", "--skip-install",
                 "--skip-version-check", "--loglevel", "WARNING"]
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1600,2400"]
 UI_TIMEOUT = 240
 TYPED_NEGATIVE = "blurry, dog, watermark"
 
@@ -76,61 +71,21 @@ def neo_ui():
                    "forge_preset": "sd", "forge_additional_modules": []}, f)
     server = WebUIServer("neo-ui", neo_dir, NEO_PYTHON, [*LAUNCH_FLAGS, "--ui-settings-file", settings_file],
                          ready_path="/sdapi/v1/sd-models")
-    try:
-        try:
-            server.start()
-        except (ServerError, RuntimeError) as e:
-            pytest.fail(str(e))
+    with running(server, fail=pytest.fail):
         yield server
-    finally:
-        server.stop()
-        print(server.report())
 
 
 @pytest.fixture(scope="module")
 def browser(neo_ui):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in CHROMIUM_FLAGS:
-        options.add_argument(flag)
-    profile = tempfile.mkdtemp(prefix="vsf-chromium-profile-")
-    options.add_argument(f"--user-data-dir={profile}")
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    try:
-        driver.set_page_load_timeout(UI_TIMEOUT)
+    screenshot = os.path.join(os.path.dirname(log_path_for("neo-ui")), "neo-ui-last.png")
+    with chromium_driver(["--disable-dev-shm-usage", "--window-size=1600,2400"], page_load_timeout=UI_TIMEOUT,
+                         screenshot=screenshot) as driver:
         driver.get(neo_ui.url)
         wait_for(driver, lambda d: d.execute_script(
             "const a = gradioApp().querySelector('#vsf_txt2img_enabled-visible-checkbox');"
             "return a !== null && !!gradioApp().querySelector('#txt2img_neg_prompt textarea');"),
             UI_TIMEOUT, "the UI with the VSF accordion")
         yield driver
-    finally:
-        try:
-            os.makedirs(os.environ.get("VSF_E2E_LOG_DIR") or os.path.join(tempfile.gettempdir(), "vsf-e2e"),
-                        exist_ok=True)
-            driver.save_screenshot(os.path.join(os.environ.get("VSF_E2E_LOG_DIR")
-                                                or os.path.join(tempfile.gettempdir(), "vsf-e2e"),
-                                                "neo-ui-last.png"))
-        finally:
-            driver.quit()
-            shutil.rmtree(profile, ignore_errors=True)
-
-
-def wait_for(driver, condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = condition(driver)
-            if last:
-                return last
-        except Exception as e:  # page still building: try again
-            last = e
-        time.sleep(0.25)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def js(driver, script: str, *args):

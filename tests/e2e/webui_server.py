@@ -309,10 +309,16 @@ class WebUIServer:
         return args
 
 @contextlib.contextmanager
-def running(server: WebUIServer):
-    """Start, yield, always stop (and unlink), then print the timings table."""
+def running(server: WebUIServer, fail=None):
+    """Start, yield, always stop (and unlink), then print the timings table. `fail` (e.g. `pytest.fail`)
+    turns a server that does not start into that call with the reason, instead of the exception."""
     try:
-        server.start()
+        try:
+            server.start()
+        except (ServerError, RuntimeError) as e:
+            if fail is None:
+                raise
+            fail(str(e))
         yield server
     finally:
         server.stop()
