@@ -227,10 +227,14 @@ class GuidanceRun:
             self.negative_len = negative.length
             self.negative_mask = None if bool(negative.mask.all()) else negative.mask
 
-    def joint_layout(self, sequence_len: int, text_offset: int) -> TokenLayout:
-        """Layout of a joint sequence whose text stream starts at `text_offset`."""
+    def joint_layout(self, sequence_len: int, text_offset: int, reference: slice | None = None,
+                     positive_mask: torch.Tensor | None = None) -> TokenLayout:
+        """Layout of a joint sequence whose text stream starts at `text_offset`; `reference`: the
+        positions of reference-image tokens (Kontext, Qwen-Image-Edit), `positive_mask`: the model's own
+        mask of its positive text (see `lib_vsf.layout`)."""
         return text_layout(self.positive_len, self.negative_len, self.negative_first,
-                           offset=text_offset, total=sequence_len, negative_mask=self.negative_mask)
+                           offset=text_offset, total=sequence_len, negative_mask=self.negative_mask,
+                           reference=reference, positive_mask=positive_mask)
 
     def cross_layout(self, text_offset: int = 0, total: int | None = None) -> TokenLayout:
         """Layout of cross-attention keys: the text stream starts at `text_offset`."""
