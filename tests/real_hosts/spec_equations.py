@@ -10,12 +10,16 @@ Joint attention (SD3/SD3.5 MMDiT, Flux), per sample, token positions `I` (image)
   with Z+ ordinary attention over I u P and Z- ordinary attention over N alone;
 - positive query: ordinary attention over I u P (rows of P never depend on N);
 - negative query: ordinary attention over I u N (what the negative pass would see).
+Reference-image tokens `R` (Flux Kontext, Qwen-Image-Edit; VSF-SPEC "Families beyond the paper") are
+keys of every query but never flipped: image queries use I u P u R for A+ and Z+, positive and
+reference queries ordinary attention over I u P u R, negative queries over I u R u N.
 Cross-attention (Wan, UNet attn2), paper eq. 9 with the bias:
       Z = softmax([s(Q, K_P), s(Q, K_N) - beta]) . [V_P ; -alpha V_N]
 
 `bug=` feeds one known mistake into the expectation ("flip": +alpha instead of -alpha; "no_beta":
-beta dropped; "positive_sees_negative": P rows computed like image rows), so a test can show that its
-oracle tells the right output from each mistake.
+beta dropped; "positive_sees_negative": P rows computed like image rows; "reference_as_image": R rows
+computed like image rows, seeing the flipped negative; "negative_misses_reference": N rows over I u N
+only), so a test can show that its oracle tells the right output from each mistake.
 """
 from __future__ import annotations
 
@@ -48,10 +52,11 @@ def _eq78(q, k, v, positive_keys, negative_keys, alpha, beta):
 
 
 def joint_expected(q, k, v, image: Sequence[int], positive: Sequence[int], negatives: Sequence[Sequence[int]],
-                   alpha: float, beta: float, bug: str | None = None):
+                   alpha: float, beta: float, bug: str | None = None, reference: Sequence[int] = ()):
     """Expected joint attention `[B, H, L, D]` (float64) and the `[B, L]` rows it defines (image,
-    positive and real negative rows; rows of padded negative slots are the host's business).
-    `q, k, v` are `[B, H, L, D]`; `negatives[b]` are sample b's real negative positions."""
+    positive, reference and real negative rows; rows of padded negative slots are the host's business).
+    `q, k, v` are `[B, H, L, D]`; `negatives[b]` are sample b's real negative positions, `reference`
+    the positions of reference-image tokens (none by default)."""
     q, k, v = (t.double() for t in (q, k, v))
     if bug == "flip":
         alpha = -alpha
@@ -59,21 +64,29 @@ def joint_expected(q, k, v, image: Sequence[int], positive: Sequence[int], negat
         beta = 0.0
     out = torch.zeros_like(q)
     defined = torch.zeros(q.shape[0], q.shape[2], dtype=torch.bool)
-    image, positive = list(image), list(positive)
+    image, positive, reference = list(image), list(positive), list(reference)
+    seen = image + positive + reference  # the keys of I, P and R queries (besides N1 for I)
     for b, negative in enumerate(negatives):
         negative = list(negative)
         qb, kb, vb = q[b], k[b], v[b]
         img = torch.as_tensor(image)
-        out[b][:, img] = _eq78(qb[:, img], kb, vb, image + positive, negative, alpha, beta)
+        out[b][:, img] = _eq78(qb[:, img], kb, vb, seen, negative, alpha, beta)
         pos = torch.as_tensor(positive)
         if bug == "positive_sees_negative":
-            out[b][:, pos] = _eq78(qb[:, pos], kb, vb, image + positive, negative, alpha, beta)
+            out[b][:, pos] = _eq78(qb[:, pos], kb, vb, seen, negative, alpha, beta)
         else:
-            out[b][:, pos] = _attend(qb[:, pos], kb, vb, image + positive)
+            out[b][:, pos] = _attend(qb[:, pos], kb, vb, seen)
+        if reference:
+            ref = torch.as_tensor(reference)
+            if bug == "reference_as_image":
+                out[b][:, ref] = _eq78(qb[:, ref], kb, vb, seen, negative, alpha, beta)
+            else:
+                out[b][:, ref] = _attend(qb[:, ref], kb, vb, seen)
         if negative:
             neg = torch.as_tensor(negative)
-            out[b][:, neg] = _attend(qb[:, neg], kb, vb, image + negative)
-        defined[b, image + positive + negative] = True
+            negative_keys = image + negative if bug == "negative_misses_reference" else image + reference + negative
+            out[b][:, neg] = _attend(qb[:, neg], kb, vb, negative_keys)
+        defined[b, seen + negative] = True
     return out, defined
 
 
@@ -131,20 +144,22 @@ def assert_bugs_are_caught(got_bhld: torch.Tensor, expected_with_bug, defined: t
 
 
 JOINT_BUGS = ("flip", "no_beta", "positive_sees_negative")
+REFERENCE_BUGS = ("reference_as_image", "negative_misses_reference")
 CROSS_BUGS = ("flip", "no_beta")
 
 
 def check_joint_call(q, k, v, out, heads, image, positive, negatives, alpha, beta, heads_first=False,
-                     **tolerance) -> None:
+                     reference=(), **tolerance) -> None:
     """One recorded joint call (inputs as the host passed them, `heads_first` when `[B, H, L, D]`;
     `out` what the patched call returned, `[B, L, H*D]`) against `joint_expected`, and against each
-    fed bug."""
+    fed bug (the reference bugs too when the call has reference tokens)."""
     q, k, v = (bhld(t, heads, heads_first) for t in (q, k, v))
     got = bhld(out, heads, False)
-    expected, defined = joint_expected(q, k, v, image, positive, negatives, alpha, beta)
+    expected, defined = joint_expected(q, k, v, image, positive, negatives, alpha, beta, reference=reference)
     assert_matches_spec(got, expected, defined, **tolerance)
-    assert_bugs_are_caught(got, {bug: joint_expected(q, k, v, image, positive, negatives, alpha, beta, bug=bug)[0]
-                                 for bug in JOINT_BUGS}, defined)
+    bugs = JOINT_BUGS + (REFERENCE_BUGS if len(reference) else ())
+    assert_bugs_are_caught(got, {bug: joint_expected(q, k, v, image, positive, negatives, alpha, beta, bug=bug,
+                                                     reference=reference)[0] for bug in bugs}, defined)
 
 
 def check_cross_call(q, k, v, out, heads, positive, negatives, alpha, beta, heads_first=False,

@@ -233,6 +233,110 @@ def test_batch_with_different_negatives_equals_each_image_alone(neo):
         torch.testing.assert_close(batched[i:i + 1], alone, rtol=1e-4, atol=1e-5)
 
 
+# -- Flux Kontext: reference latents appended after the image tokens are R tokens ----------------------------
+
+def holder(inner):
+    """The shape of a WebUI model: sd_model.forge_objects.unet.model.diffusion_model."""
+    import types
+
+    unet = types.SimpleNamespace(model=types.SimpleNamespace(diffusion_model=inner))
+    return types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=unet))
+
+
+@pytest.fixture
+def kontext(neo, monkeypatch):
+    """Neo's Flux with one Kontext reference latent, set where Neo's Flux engine puts it
+    (`backend.args.dynamic_args["ref_latents"]`, read by the model's own `forward`)."""
+    flux, _ = neo
+    gen = torch.Generator().manual_seed(21)
+    reference = torch.randn(1, 16, 8, 8, generator=gen)  # 4x4 = 16 reference tokens after the 16 image tokens
+    monkeypatch.setitem(flux.dynamic_args, "ref_latents", [reference])
+    return flux, build_flux(flux), reference
+
+
+def first_call(flux, model, inp, context, patch=None):
+    """q, k, v and output of the first joint call (double block) of one forward, optionally patched."""
+    patch = patch or AttributePatch()
+    with patch:
+        recorder = Recorder(flux.attention_function)
+        with AttributePatch().add(flux, "attention_function", recorder):
+            forward(model, "flux", inp, context)
+    return recorder.calls
+
+
+KONTEXT_IMAGE, KONTEXT_REFERENCE = 16, 16
+
+
+def test_kontext_guided_calls_equal_the_spec_with_reference_rows(kontext):
+    """Every joint call of a Kontext model, `[P (6), N (4 slots), I (16), R (16)]`, against VSF-SPEC
+    written out in float64: R rows over I u P u R (never N1), N0 rows over I u R u N0, I rows eq. 7/8
+    with A+ over I u P u R. The oracle tells the output from R treated as image tokens."""
+    flux, model, _ = kontext
+    inp = inputs(seed=13)
+    lengths = [4, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=6)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.3, beta=0.2)
+    calls = first_call(flux, model, inp, append_negative(inp["context"], negative),
+                       NeoFluxAdapter(holder(model)).patch(run))
+    assert len(calls) == 2 and run.calls == 2
+    text = POSITIVE_LEN + 4
+    image = range(text, text + KONTEXT_IMAGE)
+    reference = range(text + KONTEXT_IMAGE, text + KONTEXT_IMAGE + KONTEXT_REFERENCE)
+    negatives = [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths]
+    for q, k, v, args, kwargs, out in calls:
+        assert q.shape[2] == reference.stop
+        check_joint_call(q, k, v, out, q.shape[1], image, range(POSITIVE_LEN), negatives, 3.3, 0.2,
+                         heads_first=True, reference=reference)
+
+
+def test_kontext_reference_rows_ignore_the_negative_and_negative_rows_see_the_reference(kontext):
+    """Oracle-free, from the host's own passes. In the first block every token's q/k/v is per token
+    (Flux.1 text ids are zero), so: the R rows of the guided call equal the R rows of the unguided pass
+    (R never sees N0/N1), and each sample's N0 rows equal the text rows of its negative pass with the
+    same reference (N0 sees I, R and itself)."""
+    flux, model, reference = kontext
+    inp = inputs(seed=17)
+    lengths = [3, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=8)
+    run = make_run(POSITIVE_LEN, negative, alpha=3.3, beta=0.2)
+    guided = first_call(flux, model, inp, append_negative(inp["context"], negative),
+                        NeoFluxAdapter(holder(model)).patch(run))[0][-1]
+    unguided = first_call(flux, model, inp, inp["context"])[0][-1]
+    text = POSITIVE_LEN + 3
+    r_guided = guided[:, text + KONTEXT_IMAGE:]
+    r_plain = unguided[:, POSITIVE_LEN + KONTEXT_IMAGE:]
+    assert r_guided.shape[1] == KONTEXT_REFERENCE
+    torch.testing.assert_close(r_guided, r_plain, rtol=1e-4, atol=1e-5)
+    assert (guided[:, text:text + KONTEXT_IMAGE] - unguided[:, POSITIVE_LEN:POSITIVE_LEN + KONTEXT_IMAGE]).abs().max() > 1e-3
+    for b, n in enumerate(lengths):
+        alone = {key: value[b:b + 1] for key, value in inp.items()}
+        negative_pass = first_call(flux, model, alone, negative.embeds[b:b + 1, :n])[0][-1]
+        torch.testing.assert_close(guided[b:b + 1, POSITIVE_LEN:POSITIVE_LEN + n], negative_pass[:, :n],
+                                   rtol=1e-4, atol=1e-5)
+    # ... and those N0 rows do depend on the reference: another reference latent moves them
+    flux.dynamic_args["ref_latents"] = [reference.flip(-1)]
+    other = first_call(flux, model, inp, append_negative(inp["context"], negative),
+                       NeoFluxAdapter(holder(model)).patch(make_run(POSITIVE_LEN, negative, 3.3, 0.2)))[0][-1]
+    assert (other[0, POSITIVE_LEN:POSITIVE_LEN + 3] - guided[0, POSITIVE_LEN:POSITIVE_LEN + 3]).abs().max() > 1e-3
+
+
+def test_kontext_alpha_zero_beta_inf_equals_unpatched_and_restore_is_exact(kontext):
+    flux, model, _ = kontext
+    inp = inputs(seed=19)
+    original, forward_before = flux.attention_function, model.forward
+    unpatched = forward(model, "flux", inp, inp["context"])
+    negative = negative_rows([5, 3], CONTEXT_DIM)
+    run = make_run(POSITIVE_LEN, negative, guidance=Guidance("vsf", 0.0, math.inf))
+    with NeoFluxAdapter(holder(model)).patch(run):
+        assert "forward" in model.__dict__
+        guided = forward(model, "flux", inp, append_negative(inp["context"], negative))
+    assert run.calls == 2
+    torch.testing.assert_close(guided, unpatched, rtol=1e-4, atol=1e-5)
+    assert flux.attention_function is original and "forward" not in model.__dict__
+    assert model.forward == forward_before
+    assert torch.equal(forward(model, "flux", inp, inp["context"]), unpatched)
+
+
 @pytest.fixture(scope="module")
 def neo_t5():
     with host_modules("neo"), shared_opts(emphasis="Original"):
@@ -270,3 +374,4 @@ def test_flux_lambda_uses_the_empty_prompt_null(neo_t5, engine_kwargs, pad_to, w
     assert got.length == len(ids)
     torch.testing.assert_close(got.embeds[0].double(), plain + 8.0 * (plain - null), atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
     torch.testing.assert_close(_negative_text.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)
+

@@ -13,6 +13,13 @@ blocks from the same classes, so the same name covers it. Every call in that fil
 `[text, image(, Kontext references)]`: the call is guided when the sequence is longer than the text
 stream the runner announced (`run.text_len`). Calls with an attention mask (Chroma with a T5 mask)
 run unguided, with one warning: the mask would have to be merged with VSF's own.
+
+Flux Kontext: `IntegratedFluxTransformer2DModel.forward` appends the tokens of every reference latent
+(`backend.args.dynamic_args["ref_latents"]`, filled by Neo's Flux engine when Kontext is on) after the
+image tokens, so both block kinds see `[P, N0, I, R]`. The adapter wraps the model's `forward`
+(`_reference_tokens.ImageStream`) to know how many of the tokens after the text are the generated image;
+the rest are `R` (`TokenLayout.reference`): R rows attend to I, P, R, N0 rows to I, R, N0, and only image
+rows see N1 (VSF-SPEC "Families beyond the paper").
 """
 from __future__ import annotations
 
@@ -23,6 +30,7 @@ from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge_sampling, _negative_text
+from ._reference_tokens import ImageStream
 from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext
@@ -40,8 +48,10 @@ def check_flux_module(flux: ModuleType) -> None:
     check_attention_function(flux, "attention_function", ("mask", "skip_reshape"))
 
 
-def make_flux_attention(original, run: GuidanceRun):
-    """Replacement for `backend.nn.flux.attention_function` reading `run` on every call."""
+def make_flux_attention(original, run: GuidanceRun, stream: ImageStream | None = None):
+    """Replacement for `backend.nn.flux.attention_function` reading `run` on every call; `stream` (the
+    model's wrapped `forward`) tells where reference tokens sit, without it every non-text token is an
+    image token."""
 
     def flux_attention_function(q, k, v, heads, *args, **kwargs):
         skip_reshape = kwargs.get("skip_reshape", False)
@@ -52,7 +62,8 @@ def make_flux_attention(original, run: GuidanceRun):
         if mask is not None:
             warn_once("neo-flux-mask", "Flux/Chroma attention mask present: this call runs without VSF.")
             return original(q, k, v, heads, *args, **kwargs)
-        layout = run.joint_layout(length, text_offset=0)  # Neo Flux: text first
+        reference = None if stream is None else stream.reference(length, run.text_len)
+        layout = run.joint_layout(length, text_offset=0, reference=reference)  # Neo Flux: text first
         return guided_call(q, k, v, heads, layout, run, joint=True, skip_reshape=skip_reshape,
                            skip_output_reshape=kwargs.get("skip_output_reshape", False))
 
@@ -60,10 +71,17 @@ def make_flux_attention(original, run: GuidanceRun):
     return flux_attention_function
 
 
-def patch_flux(flux: ModuleType, run: GuidanceRun) -> AttributePatch:
-    """Checked, unapplied patch of `flux.attention_function` (PatchError if the host differs)."""
+def patch_flux(flux: ModuleType, run: GuidanceRun, model: Any = None) -> AttributePatch:
+    """Checked, unapplied patch of `flux.attention_function` (PatchError if the host differs); with
+    `model`, also of that model's `forward`, so that Kontext reference tokens are told from the image."""
     check_flux_module(flux)
-    return AttributePatch().add(flux, "attention_function", make_flux_attention(flux.attention_function, run))
+    if model is None:
+        return AttributePatch().add(flux, "attention_function", make_flux_attention(flux.attention_function, run))
+    check_callable(model, "forward", ("x", "timestep", "context"))
+    stream = ImageStream(getattr(model, "patch_size", 2))
+    return (AttributePatch()
+            .add(flux, "attention_function", make_flux_attention(flux.attention_function, run, stream))
+            .add(model, "forward", stream.wrap_forward(model.forward)))
 
 
 class NeoFluxAdapter(HostAdapter):
@@ -101,7 +119,7 @@ class NeoFluxAdapter(HostAdapter):
         _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
-        return patch_flux(self._module(), run)
+        return patch_flux(self._module(), run, diffusion_model(self.sd_model))
 
     def backend_note(self) -> str | None:
         return _forge_sampling.forge_backend_note()
