@@ -405,3 +405,35 @@ def test_forge_wrapper_runs_a_call_plain_when_rows_do_not_map_onto_images():
     assert seen == [torch.Size([3, 5, 4]), torch.Size([2, 8, 4])]  # 3 rows for 2 images: plain; 2 rows: guided
     modifier = p.sd_model.forge_objects.unet.model_options["conditioning_modifiers"][0]
     assert modifier("m", "x", "t", "uncond", "cond", 7.0, {}, 0) == ("m", "x", "t", None, "cond", 1.0, {}, 0)
+
+
+# -- a family adapter's settings through the shared runner -------------------------------------------------
+
+def test_neo_qwen_image_family_gets_its_default_through_ui_api_infotext_xyz_and_window(host, monkeypatch):
+    """The Qwen-Image adapter's family (`NeoQwenImageAdapter.family`) on the double: `Model default` resolves
+    to that family's entry of `FAMILY_DEFAULTS` from the UI, the API list and the API object alike; the
+    infotext pastes back to the same generation; XYZ cells and the step window act on it."""
+    from lib_vsf.settings import FAMILY_DEFAULTS, PAPER_TUNED_FAMILIES
+    from lib_vsf.webui.hosts.neo_qwen import NeoQwenImageAdapter
+    from webui_host_double import DoubleAdapter
+
+    family = NeoQwenImageAdapter.family
+    assert family in FAMILY_DEFAULTS and family not in PAPER_TUNED_FAMILIES  # listed, and marked untuned
+    monkeypatch.setattr(DoubleAdapter, "family", family)
+    default = FAMILY_DEFAULTS[family]
+    ui_on = host.ui_defaults()
+    ui_on[0] = True
+    from_ui = host.process_images(Processing(host), ui_on)
+    as_list = host.process_images(Processing(host), host.api_args([True, "VSF", "Model default"]))
+    as_object = host.process_images(Processing(host), host.api_args([{"enabled": True}]))
+    for p in (from_ui, as_list, as_object):
+        params = p.extra_generation_params
+        assert (float(params["VSF alpha"]), float(params["VSF beta"])) == (default.alpha, default.beta)
+        assert params["VSF preset"] == "Model default" and p.trace == from_ui.trace
+    pasted = host.paste(parse_infotext(host.infotext(as_object)))
+    assert host.process_images(Processing(host), pasted).trace == as_object.trace
+    host.callbacks["before_ui"][0]()
+    cells = host.run_xyz(Processing(host), [("[VSF] Alpha", [1.5, 4.0])], ui_on)
+    assert [c.extra_generation_params["VSF alpha"] for c in cells] == ["1.5", "4"]
+    window = host.process_images(Processing(host, steps=8), host.api_args([{"enabled": True, "start": 0.5, "end": 0.75}]))
+    assert [s["step"] for s in window.trace if s["guided"]] == [4, 5]
