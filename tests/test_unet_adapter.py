@@ -239,10 +239,32 @@ def test_a1111_patch_refuses_changed_signature():
 
 # -- registry: the adapters import and stay quiet without a host -------------------------------------------
 
+def test_image_stream_tells_reference_tokens_from_the_image_inside_the_wrapped_forward():
+    """Neo's Flux / Qwen-Image `forward(x, timestep, context)`: the generated image has ceil(H/p) x ceil(W/p)
+    tokens after the text; whatever follows it in a joint sequence of that call is R."""
+    from lib_vsf.webui.hosts._reference_tokens import ImageStream
+
+    stream = ImageStream(patch_size=2)
+    seen = []
+
+    def forward(x, timestep, context, **kwargs):
+        seen.append((stream.reference(9 + 12 + 20, 9), stream.reference(9 + 12, 9), stream.reference(41, 8)))
+        if kwargs.get("fail"):
+            raise RuntimeError("host failed")
+
+    wrapped = stream.wrap_forward(forward)
+    wrapped(torch.zeros(1, 16, 1, 5, 8), 0.5, torch.zeros(1, 9, 4))  # 3 x 4 = 12 image tokens (5 rows padded to 6)
+    assert seen == [(slice(21, 41), None, None)]  # R after I; no R; another text stream is not this call's
+    with pytest.raises(RuntimeError):
+        wrapped(torch.zeros(1, 16, 6, 8), 0.5, context=torch.zeros(1, 9, 4), fail=True)
+    assert stream.current() is None and stream.reference(41, 9) is None  # nothing outlives the call
+
+
 def test_adapters_register_without_a_host():
     names = {cls.name for cls in load_adapters()}
-    assert {"neo-flux", "neo-wan", "reforge-sd3", "neo-unet", "forge-unet", "reforge-unet", "a1111-unet"} <= names
-    assert not {k for k in LOAD_ERRORS if k in ("neo_flux", "neo_wan", "reforge_mmdit", "unet_attn2")}
+    assert {"neo-flux", "neo-wan", "reforge-sd3", "neo-unet", "forge-unet", "reforge-unet", "a1111-unet",
+            "neo-qwen-image"} <= names
+    assert not {k for k in LOAD_ERRORS if k in ("neo_flux", "neo_wan", "reforge_mmdit", "unet_attn2", "neo_qwen")}
     for cls in load_adapters():
         if cls.host in ("neo", "reforge") or cls.name in ("forge-unet", "a1111-unet"):
             assert cls.matches(object()) is False
