@@ -44,7 +44,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .reference import vsf_joint_reference
+from .reference import check_cross_layout, vsf_joint_reference
 from ..layout import NEGATIVE, TokenLayout
 
 # ---------------------------------------------------------------------------------------------------------
@@ -472,6 +472,8 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     length, neg, pos = layout.length, layout.negative, layout.positive
     if q.shape[2] != length:
         raise ValueError(f"sequence has {q.shape[2]} tokens, layout describes {length}")
+    if layout.reference is not None or layout.positive_mask is not None:
+        return vsf_joint_reference(q, k, v, layout, alpha, beta, scale, negative_share=negative_share)
     image_pieces = _gaps(length, (pos, neg))
     if not image_pieces:  # no image tokens: a text-only call, tiny; the dense reference is fine (no map)
         return vsf_joint_reference(q, k, v, layout, alpha, beta, scale)
@@ -553,6 +555,9 @@ def _vsf_cross_sdpa(q, k, v, layout: TokenLayout, alpha: float, beta: float, sca
     bias = torch.where(is_negative, -beta, 0.0).to(q.dtype).expand(batch, -1).clone()
     real = layout.negative_valid(batch, device)
     bias[:, layout.negative] = bias[:, layout.negative].masked_fill(~real, float("-inf"))
+    if layout.positive_mask is not None:
+        real_p = layout.positive_valid(batch, device)
+        bias[:, layout.positive] = bias[:, layout.positive].masked_fill(~real_p, float("-inf"))
     bias[:, roles == 0] = float("-inf")  # image-role keys are not text: the reference leaves them out
     return F.scaled_dot_product_attention(q, k, values, attn_mask=bias[:, None, None, :], scale=scale)
 
@@ -567,7 +572,10 @@ def _cross_share_from_logits(q, k, layout: TokenLayout, beta: float, scale) -> t
     neg_s = s[..., roles == NEGATIVE] - beta
     neg_s = neg_s.masked_fill(~layout.negative_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
     lse_n = torch.logsumexp(neg_s, dim=-1)
-    lse_p = torch.logsumexp(s[..., roles == 1], dim=-1)  # -inf without positive keys: the share is 1
+    pos_s = s[..., roles == 1]
+    if layout.positive_mask is not None:
+        pos_s = pos_s.masked_fill(~layout.positive_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
+    lse_p = torch.logsumexp(pos_s, dim=-1)  # -inf without positive keys: the share is 1
     return torch.sigmoid(lse_n - lse_p).mean(dim=1)
 
 
@@ -576,8 +584,10 @@ def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     `layout`: softmax([s_P, s_N - beta]) [V_P; -alpha V_N]. One maskless pass over P with its LSE,
     merged with the negative block; the general single-SDPA form covers unusual layouts.
     `negative_share`: optional recorder of every query's 1 - W (module docstring)."""
+    check_cross_layout(layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if layout.negative_len == 0 or layout.positive_len == 0 or _gaps(layout.length, (layout.positive, layout.negative)):
+    if (layout.negative_len == 0 or layout.positive_len == 0 or layout.positive_mask is not None
+            or _gaps(layout.length, (layout.positive, layout.negative))):
         if negative_share is not None and layout.negative_len:
             negative_share.add(_cross_share_from_logits(q, k, layout, beta, scale))
         return _vsf_cross_sdpa(q, k, v, layout, alpha, beta, scale)
