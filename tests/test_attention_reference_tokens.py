@@ -37,6 +37,9 @@ ORDERS = {
 # sample 0 keeps every positive token; sample 1 pads two (one inside the span, one at the end)
 POSITIVE_MASK = torch.tensor([[True, True, True, True], [True, False, True, False]])
 NEGATIVE_MASK = torch.tensor([[True, True, True], [True, False, False]])
+SHARED_POSITIVE_MASK = torch.tensor([[True, True, False, False]])  # one row for the whole batch
+MASKS = {"none": (None, None), "positive": (POSITIVE_MASK, None), "both": (POSITIVE_MASK, NEGATIVE_MASK),
+         "shared_positive": (SHARED_POSITIVE_MASK, NEGATIVE_MASK)}
 ALPHA, BETA = 3.3, 0.2
 
 
@@ -70,7 +73,10 @@ def qkv(length, seed=0, dtype=torch.float64, batch=B):
 def key_sets(roles, b, positive_mask, negative_mask):
     """Positions per role for sample b: I, R, real P, real N (masks given per span)."""
     at = {r: [i for i, x in enumerate(roles) if x == r] for r in "IRPN"}
-    p_ok = [True] * len(at["P"]) if positive_mask is None else positive_mask[b].tolist()
+    if positive_mask is None:
+        p_ok = [True] * len(at["P"])
+    else:  # a [1, P] mask holds for every sample
+        p_ok = positive_mask[min(b, len(positive_mask) - 1)].tolist()
     n_ok = [True] * len(at["N"]) if negative_mask is None else negative_mask[b].tolist()
     real_p = [i for i, ok in zip(at["P"], p_ok) if ok]
     real_n = [i for i, ok in zip(at["N"], n_ok) if ok]
@@ -177,13 +183,12 @@ def backend(request, monkeypatch):
 
 # --- the table and the equations ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("masks", ["none", "positive", "both"])
+@pytest.mark.parametrize("masks", sorted(MASKS))
 @pytest.mark.parametrize("impl", ["reference", "production"])
 @pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
 @pytest.mark.parametrize("order", sorted(ORDERS))
 def test_joint_with_reference_matches_equations(order, method, impl, masks):
-    pm = None if masks == "none" else POSITIVE_MASK
-    nm = NEGATIVE_MASK if masks == "both" else None
+    pm, nm = MASKS[masks]
     layout, roles = build(ORDERS[order], positive_mask=pm, negative_mask=nm)
     q, k, v = qkv(layout.length, seed=3)
     got = run(impl, method, q, k, v, layout)
@@ -325,10 +330,12 @@ def test_empty_negative_with_reference_is_unguided():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["f32", "f64", "bf16"])
-@pytest.mark.parametrize("masks", ["none", "both"])
+@pytest.mark.parametrize("masks", sorted(MASKS))
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_production_matches_reference_in_each_dtype(order, masks, dtype, backend):
-    pm, nm = (POSITIVE_MASK, NEGATIVE_MASK) if masks == "both" else (None, None)
+def test_production_matches_reference_in_each_dtype(order, masks, dtype, backend, monkeypatch):
+    """The fast path (not a detour through the dense reference) against the dense reference."""
+    pm, nm = MASKS[masks]
+    monkeypatch.setattr(attention_fast, "vsf_joint_reference", lambda *a, **kw: pytest.fail("dense detour"))
     layout, roles = build(ORDERS[order], counts=dict(COUNTS, I=40), positive_mask=pm, negative_mask=nm)
     q, k, v = qkv(layout.length, seed=19, dtype=dtype)
     rec_fast, rec_ref = NegativeShareMap(), NegativeShareMap()
