@@ -101,10 +101,11 @@ def eq78_row(q_row, k_plus, v_plus, k_neg, v_neg, alpha, beta):
 
 def oracle(q, k, v, roles, method, positive_mask=None, negative_mask=None, alpha=ALPHA, beta=BETA, tau=2.5):
     """Every real row of the joint call, per query, from the table and the equations (float64).
-    Returns (out with NaN at padded N0 rows, [B, image tokens] 1 - W for VSF)."""
+    Returns (out with NaN at padded N0 rows, [B, image tokens] 1 - W for VSF, NAG rows whose cap acted)."""
     q, k, v = q.double(), k.double(), v.double()
     out = torch.full_like(q, float("nan"))
     share = torch.zeros(q.shape[0], roles.count("I"), dtype=torch.float64)
+    capped = 0
     for b in range(q.shape[0]):
         image, ref, real_p, real_n = key_sets(roles, b, positive_mask, negative_mask)
         plus = sorted(image + ref + real_p)  # what I, P and R rows attend to
@@ -132,8 +133,9 @@ def oracle(q, k, v, roles, method, positive_mask=None, negative_mask=None, alpha
                 ratio = z_t.abs().sum() / z_plus.abs().sum()
                 if ratio > tau:
                     z_t = z_t * tau / ratio
+                    capped += 1
                 out[b, :, i] = beta * z_t + (1 - beta) * z_plus
-    return out, share
+    return out, share, capped
 
 
 def guidance(method):
@@ -192,7 +194,8 @@ def test_joint_with_reference_matches_equations(order, method, impl, masks):
     layout, roles = build(ORDERS[order], positive_mask=pm, negative_mask=nm)
     q, k, v = qkv(layout.length, seed=3)
     got = run(impl, method, q, k, v, layout)
-    want, _ = oracle_for(method, q, k, v, roles, pm, nm)
+    want, _, capped = oracle_for(method, q, k, v, roles, pm, nm)
+    assert method != "nag" or capped > 0, "the tau cap was never exercised"
     assert got.shape == q.shape and got.dtype == q.dtype
     tol = 1e-6 if (method, impl) == ("nag", "production") else 1e-9  # production NAG combines in float32
     assert_rows_close(got, want, roles, nm, rtol=tol, atol=tol)
@@ -209,7 +212,7 @@ def test_negative_share_covers_true_image_rows_only(order, impl):
     q, k, v = qkv(layout.length, seed=5)
     rec = NegativeShareMap()
     out_on = run(impl, "vsf", q, k, v, layout, negative_share=rec)
-    _, want = oracle(q, k, v, roles, "vsf", POSITIVE_MASK, NEGATIVE_MASK)
+    _, want, _ = oracle(q, k, v, roles, "vsf", POSITIVE_MASK, NEGATIVE_MASK)
     got = rec.mean()
     assert got is not None and got.shape == (B, COUNTS["I"])
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
