@@ -275,16 +275,26 @@ def test_padded_positive_keys_never_matter(order, method, backend):
                               joint_attention(q, k2, v2, unmasked, guidance(method))[1])
 
 
+BATCH_MASKS = {
+    2: (POSITIVE_MASK, NEGATIVE_MASK),
+    # three samples, two of them sharing a positive mask (a group of two behind a group of one)
+    3: (torch.tensor([[True, True, True, True], [True, False, True, False], [True, True, True, True]]),
+        torch.tensor([[True, True, True], [True, False, False], [True, True, False]])),
+}
+
+
+@pytest.mark.parametrize("batch", sorted(BATCH_MASKS))
 @pytest.mark.parametrize("method", ["vsf", "nag", "nasa"])
 @pytest.mark.parametrize("order", sorted(ORDERS))
-def test_batch_with_masks_equals_each_sample_alone(order, method, backend):
+def test_batch_with_masks_equals_each_sample_alone(order, method, batch, backend):
     """Different positive masks and negative lengths in one batch, with R: each sample equals itself
     run alone with its padded P and N tokens removed from the sequence (no masks at all)."""
-    layout, roles = build(ORDERS[order], positive_mask=POSITIVE_MASK, negative_mask=NEGATIVE_MASK)
-    q, k, v = qkv(layout.length, seed=13)
+    pm, nm = BATCH_MASKS[batch]
+    layout, roles = build(ORDERS[order], positive_mask=pm, negative_mask=nm)
+    q, k, v = qkv(layout.length, seed=13, batch=batch)
     out = joint_attention(q, k, v, layout, guidance(method))
-    for b in range(B):
-        image, ref, real_p, real_n = key_sets(roles, b, POSITIVE_MASK, NEGATIVE_MASK)
+    for b in range(batch):
+        image, ref, real_p, real_n = key_sets(roles, b, pm, nm)
         keep = sorted(image + ref + real_p + real_n)
         counts = dict(COUNTS, P=len(real_p), N=len(real_n))
         alone, _ = build(ORDERS[order], counts)
