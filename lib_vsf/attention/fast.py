@@ -15,7 +15,10 @@ negative text stream, few queries) attend {I, N0}: one call over I, merged the s
 Which kernel returns the LSE depends on device, dtype and torch version (2.1 .. 2.13): `attention_lse`
 tries the candidates in order on first use for a (device, dtype, head_dim), checks each against plain
 math on a tiny problem, and caches the first that works; a pure-torch chunked implementation is always
-there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`).
+there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`); a forced
+backend that is not usable here gives one warning and the automatic order. The user's own attention
+library (flash-attn, xformers, SageAttention: `backends.py`) joins the candidates when the host uses it
+(`backends.set_preferred_backend`, set by the WebUI glue): on CUDA it is tried first, checked the same way.
 
 Padded negatives (samples with different negative lengths, `TokenLayout.negative_mask`) cannot be
 expressed to a maskless kernel; that case merges the small negative block in float32 instead
@@ -44,6 +47,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import backends
 from .reference import vsf_joint_reference
 from ..layout import NEGATIVE, TokenLayout
 
@@ -116,6 +120,7 @@ _FACTORIES: dict[str, Callable[[], Callable | None]] = {
     "efficient": lambda: _aten_lse_backend("_scaled_dot_product_efficient_attention"),
     "flash_cpu": lambda: _aten_lse_backend("_scaled_dot_product_flash_attention_for_cpu"),
     "chunked": lambda: chunked_attention_lse,
+    **backends.FACTORIES,  # the user's attention libraries: tried only when preferred or forced
 }
 BACKENDS = tuple(_FACTORIES)
 _ORDER = {
@@ -130,6 +135,13 @@ _CHOSEN: dict[tuple, tuple[str, Callable]] = {}
 
 def _order_for(device: torch.device) -> tuple[str, ...]:
     order = _ORDER.get(device.type, ("chunked",))
+    preferred = backends.preferred_backend()
+    if device.type == "cuda" and preferred in backends.LIBRARY_BACKENDS:  # the host's library, then aten
+        return (preferred,) + _order_without_preference(device, order)
+    return _order_without_preference(device, order)
+
+
+def _order_without_preference(device: torch.device, order: tuple[str, ...]) -> tuple[str, ...]:
     if device.type == "cuda" and "flash" in order and "cudnn" in order:
         try:
             hopper = torch.cuda.get_device_capability(device)[0] >= 9
@@ -147,10 +159,12 @@ def reset_backend_cache() -> None:
 
 
 def _works(fn, device, dtype, head_dim) -> bool:
-    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?"""
+    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?
+    A backend may loosen the tolerance (`fn.vsf_tolerance`: quantized kernels such as SageAttention)."""
     g = torch.Generator().manual_seed(1234)
     cd = _compute_dtype(dtype)
     tol = 1e-6 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 3e-2)
+    tol = max(tol, getattr(fn, "vsf_tolerance", 0.0))
     try:
         for lq, lk in ((67, 5), (5, 67)):  # few keys (negative block) and few queries (N0 rows)
             q, k, v = (torch.randn(2, 3, n, head_dim, generator=g, dtype=cd) for n in (lq, lk, lk))
@@ -169,21 +183,34 @@ def _works(fn, device, dtype, head_dim) -> bool:
         return False
 
 
+def _key(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
+    return (device.type, device.index, dtype, head_dim, backends.preferred_backend())
+
+
 def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, Callable]:
-    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached."""
-    key = (device.type, device.index, dtype, head_dim)
+    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached.
+    A forced or preferred backend that is unavailable or fails the check gives one warning (per key)."""
+    key = _key(device, dtype, head_dim)
     if key in _CHOSEN:
         return _CHOSEN[key]
     forced = os.environ.get("VSF_ATTENTION_BACKEND", "").strip()
-    order = (forced,) if forced else _order_for(device)
+    wanted = forced or (backends.preferred_backend() if device.type == "cuda" else None)
+    order = _order_for(device)
+    if forced:
+        order = (forced,) + tuple(n for n in order if n != forced)
     for name in order:
         factory = _FACTORIES.get(name)
         fn = factory() if factory else None
         if fn is not None and (name == "chunked" or _works(fn, device, dtype, head_dim)):
             _CHOSEN[key] = (name, fn)
             return _CHOSEN[key]
-    if forced:
-        warnings.warn(f"VSF_ATTENTION_BACKEND={forced!r} is not usable here; using chunked")
+        if name == wanted:
+            why = ("unknown name" if factory is None else backends.unavailable_reason(name) if fn is None
+                   else "its output or log-sum-exp failed the first-use check against float32 math")
+            src = "VSF_ATTENTION_BACKEND" if forced else "the host's attention backend"
+            backends.note_unusable(name, why)
+            warnings.warn(f"VSF: {name!r} ({src}) is not usable for {device.type} {str(dtype)[6:]} head_dim "
+                          f"{head_dim}: {why}; using the automatic choice")
     _CHOSEN[key] = ("chunked", chunked_attention_lse)
     return _CHOSEN[key]
 
@@ -192,8 +219,9 @@ def attention_lse(q, k, v, scale):
     """Unmasked attention over [B, H, L, D] tensors -> (output in q's dtype, LSE [B, H, Lq] in float32,
     float64 for float64). Uses the cached backend; if it fails on a particular call (shape limits),
     that backend is dropped for this key and the chunked math answers."""
-    key = (q.device.type, q.device.index, q.dtype, q.shape[-1])
+    key = _key(q.device, q.dtype, q.shape[-1])
     name, fn = select_backend(q.device, q.dtype, q.shape[-1])
+    backends.record_use(name)
     try:
         return fn(q, k, v, scale)
     except Exception as err:  # noqa: BLE001
