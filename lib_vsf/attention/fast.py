@@ -395,25 +395,36 @@ def triton_status(device, dtype, head_dim: int) -> dict:
 # Merges
 
 
-def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False):
+def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False,
+                 dest=None):
     """Exactly add a small key block to an attention result: given `out`/`lse` of rows `q` over some
     keys, return the attention of the same rows over those keys plus `k_blk` (logits shifted by -bias,
     values times value_scale, keys where `valid` [B, n] is False left out). Math in float32.
-    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32."""
+    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32. `dest`: a
+    q-dtype tensor (or view) the result is written into, else a new one.
+    Full-size ([rows, D]) work is one matmul, one fused multiply-add that reads `out` in its own dtype
+    (no float32 copy) and one division that stores in q's dtype (no cast kernel); the rest is on
+    [rows, n] logits, updated in place."""
     cd = _compute_dtype(q.dtype)
-    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)) * scale - bias
+    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)).mul_(scale)
+    if bias:
+        s.sub_(bias)
     if valid is not None:
-        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        s.masked_fill_(~valid[:, None, None, :], float("-inf"))
     lse = lse.to(cd)
     m = torch.maximum(lse, s.amax(dim=-1))  # lse is finite, so m is finite and nothing turns into NaN
-    w_old = torch.exp(lse - m)
-    w_blk = torch.exp(s - m[..., None])
-    num = w_old[..., None] * out.to(cd) + value_scale * torch.matmul(w_blk, v_blk.to(cd))
-    res = (num / (w_old + w_blk.sum(dim=-1))[..., None]).to(q.dtype)
+    w_old = torch.sub(lse, m).exp_()
+    w_blk = s.sub_(m[..., None]).exp_()
+    mass = w_blk.sum(dim=-1)
+    num = torch.matmul(w_blk, v_blk.to(cd) * value_scale).addcmul_(w_old[..., None], out)
+    total = w_old.add_(mass)
+    if dest is None and num.dtype == q.dtype:
+        res = num.div_(total[..., None])
+    else:
+        res = torch.div(num, total[..., None], out=torch.empty_like(q) if dest is None else dest)
     if not block_weight:
         return res
-    mass = w_blk.sum(dim=-1)
-    return res, mass / (w_old + mass)
+    return res, mass.div_(total)
 
 
 def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None, negative_share=None):
@@ -445,39 +456,45 @@ def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=N
         o_n, lse_n = attention_lse(q_i, k_n, v_n * (-alpha), scale)
         # Weight of the N1 block, 1 - W = A- / (A+ + A-), computed directly (not as 1 - W) so that it
         # keeps its relative precision when cast to a 16-bit dtype; lerp blends in float internally.
-        w_neg = torch.sigmoid(lse_n - beta - lse_i)
+        # In place on the fresh difference; the sigmoid stores straight into o's dtype (no cast kernel).
+        logit = torch.sub(lse_n, lse_i)
+        if beta:
+            logit.sub_(beta)
         if negative_share is not None:
+            w_neg = logit.sigmoid_()
             negative_share.add(w_neg.float().mean(dim=1))
-        w_neg = w_neg.to(o_i.dtype)[..., None]
+            w_neg = w_neg.to(o_i.dtype)[..., None]
+        elif logit.dtype == o_i.dtype:
+            w_neg = logit.sigmoid_()[..., None]
+        else:
+            w_neg = torch.sigmoid(logit, out=torch.empty(logit.shape, dtype=o_i.dtype, device=logit.device))[..., None]
         if dest is None:
             return torch.lerp(o_i, o_n, w_neg)
         return torch.lerp(o_i, o_n, w_neg, out=dest)
     if negative_share is None:
-        res = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale)
-    else:
-        res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True)
-        negative_share.add(w_neg.float().mean(dim=1))
-    if dest is None:
-        return res
-    dest.copy_(res)
-    return dest
+        return _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, dest=dest)
+    res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True, dest=dest)
+    negative_share.add(w_neg.float().mean(dim=1))
+    return res
 
 
 _N0_MASKS: dict[tuple, tuple] = {}
 
 
-def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch.Tensor:
-    """[B, 1, n, L] bool: N0 queries see image keys and the real N0 keys. n x L, not L x L: the negative
-    rows are few. Cached per layout geometry and padding mask (one generation reuses it every layer)."""
+def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid, dtype) -> torch.Tensor:
+    """[B, 1, n, L] additive mask in `dtype` (0 / -inf): N0 queries see image keys and the real N0 keys.
+    n x L, not L x L: the negative rows are few. Cached per layout geometry, dtype and padding mask (one
+    generation reuses it every layer); additive, because SDPA turns a bool mask into this one every call."""
     key = (layout.length, layout.positive.start, layout.positive.stop, layout.negative.start,
-           layout.negative.stop, batch, str(device), None if valid is None else id(layout.negative_mask))
+           layout.negative.stop, batch, str(device), dtype, None if valid is None else id(layout.negative_mask))
     hit = _N0_MASKS.get(key)
     if hit is not None and (valid is None or hit[1]() is layout.negative_mask):
         return hit[0]
     keys = (layout.roles(device) != 1).expand(batch, -1).clone()  # image and negative keys
     if valid is not None:
         keys[:, layout.negative] &= valid
-    mask = keys[:, None, None, :].expand(-1, 1, layout.negative_len, -1)
+    bias = torch.zeros(keys.shape, device=device, dtype=dtype).masked_fill_(~keys, float("-inf"))
+    mask = bias[:, None, None, :].expand(-1, 1, layout.negative_len, -1).contiguous()
     if len(_N0_MASKS) > 32:
         _N0_MASKS.clear()
     ref = (lambda: None) if valid is None else weakref.ref(layout.negative_mask)
@@ -542,7 +559,7 @@ def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
         except Exception as err:  # noqa: BLE001
             _triton_failed("n0", q_n, err)
     dest.copy_(F.scaled_dot_product_attention(
-        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid), scale=scale))
+        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid, q_n.dtype), scale=scale))
     return dest
 
 
@@ -558,7 +575,7 @@ def negative_rows(q, k, v, layout: TokenLayout, scale=None):
             return mod.negative_rows(q_n, k, v, layout.positive, layout.negative, valid, scale)
         except Exception as err:  # noqa: BLE001
             _triton_failed("n0", q_n, err)
-    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid)
+    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid, q.dtype)
     return F.scaled_dot_product_attention(q_n, k, v, attn_mask=mask, scale=scale)
 
 
