@@ -80,7 +80,7 @@ def label(name: str) -> str:
 
 
 def unavailable_reason(name: str) -> str:
-    return _reasons.get(name, "not installed")
+    return _reasons.get(name, "not tried: the host's library is preferred for CUDA tensors only")
 
 
 def note_unusable(name: str, reason: str) -> None:
