@@ -316,7 +316,7 @@ def test_preferred_library_goes_first_on_cuda_only_and_keys_the_cache():
     assert attention_fast._order_for(cuda) == default_cuda
 
 
-def test_library_failing_on_a_real_call_is_dropped_for_the_chunked_math(monkeypatch):
+def test_library_failing_on_a_real_call_is_dropped_for_the_next_choice(monkeypatch):
     calls = []
     install(monkeypatch, fake_xformers(calls))
     monkeypatch.setenv("VSF_ATTENTION_BACKEND", "xformers")
@@ -330,9 +330,15 @@ def test_library_failing_on_a_real_call_is_dropped_for_the_chunked_math(monkeypa
         return real(query, key, value, attn_bias=attn_bias, p=p, scale=scale)
 
     monkeypatch.setattr(sys.modules["xformers.ops"], "memory_efficient_attention_forward_requires_grad", fails_on_long)
+    attention_fast.reset_backend_cache()
+    monkeypatch.delenv("VSF_ATTENTION_BACKEND")
+    automatic = attention_fast.select_backend(q.device, q.dtype, D)[0]
+    monkeypatch.setenv("VSF_ATTENTION_BACKEND", "xformers")
+    attention_fast.reset_backend_cache()
     with pytest.warns(UserWarning, match="'xformers' failed"):
         got = vsf_joint(q, k, v, layout, ALPHA, BETA)
-    assert attention_fast.select_backend(q.device, q.dtype, D)[0] == "chunked"
+    assert attention_fast.select_backend(q.device, q.dtype, D)[0] == automatic != "xformers"
+    assert "xformers" not in backends.take_used()  # the failed call does not count as served
     want = vsf_joint_oracle(q, k, v, *spans(layout), None, ALPHA, BETA, 1 / math.sqrt(D))
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
 

@@ -131,6 +131,7 @@ _ORDER = {
     "cpu": ("flash_cpu", "flash", "chunked"),
 }
 _CHOSEN: dict[tuple, tuple[str, Callable]] = {}
+_DROPPED: dict[tuple, set[str]] = {}  # per key: backends that failed on a real call
 
 
 def _order_for(device: torch.device) -> tuple[str, ...]:
@@ -155,6 +156,7 @@ def _order_without_preference(device: torch.device, order: tuple[str, ...]) -> t
 def reset_backend_cache() -> None:
     """Forget the cached backend choices (tests, or after changing VSF_ATTENTION_BACKEND / VSF_TRITON)."""
     _CHOSEN.clear()
+    _DROPPED.clear()
     _TRITON_OK.clear()
 
 
@@ -199,6 +201,8 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
     if forced:
         order = (forced,) + tuple(n for n in order if n != forced)
     for name in order:
+        if name in _DROPPED.get(key, ()):
+            continue
         factory = _FACTORIES.get(name)
         fn = factory() if factory else None
         if fn is not None and (name == "chunked" or _works(fn, device, dtype, head_dim)):
@@ -218,18 +222,20 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
 def attention_lse(q, k, v, scale):
     """Unmasked attention over [B, H, L, D] tensors -> (output in q's dtype, LSE [B, H, Lq] in float32,
     float64 for float64). Uses the cached backend; if it fails on a particular call (shape limits),
-    that backend is dropped for this key and the chunked math answers."""
+    that backend is dropped for this key and the next candidate in the order answers (chunked last)."""
     key = _key(q.device, q.dtype, q.shape[-1])
     name, fn = select_backend(q.device, q.dtype, q.shape[-1])
-    backends.record_use(name)
     try:
-        return fn(q, k, v, scale)
+        res = fn(q, k, v, scale)
     except Exception as err:  # noqa: BLE001
         if name == "chunked":
             raise
-        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using chunked math")
-        _CHOSEN[key] = ("chunked", chunked_attention_lse)
-        return chunked_attention_lse(q, k, v, scale)
+        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using the next choice")
+        _DROPPED.setdefault(key, set()).add(name)
+        _CHOSEN.pop(key, None)
+        return attention_lse(q, k, v, scale)
+    backends.record_use(name)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------
