@@ -20,7 +20,10 @@ group's pass runs over its real keys only, gathered (`_context_pass`). N0 rows n
 Which kernel returns the LSE depends on device, dtype and torch version (2.1 .. 2.13): `attention_lse`
 tries the candidates in order on first use for a (device, dtype, head_dim), checks each against plain
 math on a tiny problem, and caches the first that works; a pure-torch chunked implementation is always
-there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`).
+there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`); a forced
+backend that is not usable here gives one warning and the automatic order. The user's own attention
+library (flash-attn, xformers, SageAttention: `backends.py`) joins the candidates when the host uses it
+(`backends.set_preferred_backend`, set by the WebUI glue): on CUDA it is tried first, checked the same way.
 
 Padded negatives (samples with different negative lengths, `TokenLayout.negative_mask`) cannot be
 expressed to a maskless kernel; that case merges the small negative block in float32 instead
@@ -49,6 +52,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from . import backends
 from .reference import check_cross_layout, vsf_joint_reference
 from ..layout import NEGATIVE, TokenLayout
 
@@ -121,6 +125,7 @@ _FACTORIES: dict[str, Callable[[], Callable | None]] = {
     "efficient": lambda: _aten_lse_backend("_scaled_dot_product_efficient_attention"),
     "flash_cpu": lambda: _aten_lse_backend("_scaled_dot_product_flash_attention_for_cpu"),
     "chunked": lambda: chunked_attention_lse,
+    **backends.FACTORIES,  # the user's attention libraries: tried only when preferred or forced
 }
 BACKENDS = tuple(_FACTORIES)
 _ORDER = {
@@ -131,10 +136,18 @@ _ORDER = {
     "cpu": ("flash_cpu", "flash", "chunked"),
 }
 _CHOSEN: dict[tuple, tuple[str, Callable]] = {}
+_DROPPED: dict[tuple, set[str]] = {}  # per key: backends that failed on a real call
 
 
 def _order_for(device: torch.device) -> tuple[str, ...]:
     order = _ORDER.get(device.type, ("chunked",))
+    preferred = backends.preferred_backend()
+    if device.type == "cuda" and preferred in backends.LIBRARY_BACKENDS:  # the host's library, then aten
+        return (preferred,) + _order_without_preference(device, order)
+    return _order_without_preference(device, order)
+
+
+def _order_without_preference(device: torch.device, order: tuple[str, ...]) -> tuple[str, ...]:
     if device.type == "cuda" and "flash" in order and "cudnn" in order:
         try:
             hopper = torch.cuda.get_device_capability(device)[0] >= 9
@@ -148,14 +161,17 @@ def _order_for(device: torch.device) -> tuple[str, ...]:
 def reset_backend_cache() -> None:
     """Forget the cached backend choices (tests, or after changing VSF_ATTENTION_BACKEND / VSF_TRITON)."""
     _CHOSEN.clear()
+    _DROPPED.clear()
     _TRITON_OK.clear()
 
 
 def _works(fn, device, dtype, head_dim) -> bool:
-    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?"""
+    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?
+    A backend may loosen the tolerance (`fn.vsf_tolerance`: quantized kernels such as SageAttention)."""
     g = torch.Generator().manual_seed(1234)
     cd = _compute_dtype(dtype)
     tol = 1e-6 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 3e-2)
+    tol = max(tol, getattr(fn, "vsf_tolerance", 0.0))
     try:
         for lq, lk in ((67, 5), (5, 67)):  # few keys (negative block) and few queries (N0 rows)
             q, k, v = (torch.randn(2, 3, n, head_dim, generator=g, dtype=cd) for n in (lq, lk, lk))
@@ -174,21 +190,36 @@ def _works(fn, device, dtype, head_dim) -> bool:
         return False
 
 
+def _key(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
+    return (device.type, device.index, dtype, head_dim, backends.preferred_backend())
+
+
 def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, Callable]:
-    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached."""
-    key = (device.type, device.index, dtype, head_dim)
+    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached.
+    A forced or preferred backend that is unavailable or fails the check gives one warning (per key)."""
+    key = _key(device, dtype, head_dim)
     if key in _CHOSEN:
         return _CHOSEN[key]
     forced = os.environ.get("VSF_ATTENTION_BACKEND", "").strip()
-    order = (forced,) if forced else _order_for(device)
+    wanted = forced or (backends.preferred_backend() if device.type == "cuda" else None)
+    order = _order_for(device)
+    if forced:
+        order = (forced,) + tuple(n for n in order if n != forced)
     for name in order:
+        if name in _DROPPED.get(key, ()):
+            continue
         factory = _FACTORIES.get(name)
         fn = factory() if factory else None
         if fn is not None and (name == "chunked" or _works(fn, device, dtype, head_dim)):
             _CHOSEN[key] = (name, fn)
             return _CHOSEN[key]
-    if forced:
-        warnings.warn(f"VSF_ATTENTION_BACKEND={forced!r} is not usable here; using chunked")
+        if name == wanted:
+            why = ("unknown name" if factory is None else backends.unavailable_reason(name) if fn is None
+                   else "its output or log-sum-exp failed the first-use check against float32 math")
+            src = "VSF_ATTENTION_BACKEND" if forced else "the host's attention backend"
+            backends.note_unusable(name, why)
+            warnings.warn(f"VSF: {name!r} ({src}) is not usable for {device.type} {str(dtype)[6:]} head_dim "
+                          f"{head_dim}: {why}; using the automatic choice")
     _CHOSEN[key] = ("chunked", chunked_attention_lse)
     return _CHOSEN[key]
 
@@ -196,17 +227,20 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
 def attention_lse(q, k, v, scale):
     """Unmasked attention over [B, H, L, D] tensors -> (output in q's dtype, LSE [B, H, Lq] in float32,
     float64 for float64). Uses the cached backend; if it fails on a particular call (shape limits),
-    that backend is dropped for this key and the chunked math answers."""
-    key = (q.device.type, q.device.index, q.dtype, q.shape[-1])
+    that backend is dropped for this key and the next candidate in the order answers (chunked last)."""
+    key = _key(q.device, q.dtype, q.shape[-1])
     name, fn = select_backend(q.device, q.dtype, q.shape[-1])
     try:
-        return fn(q, k, v, scale)
+        res = fn(q, k, v, scale)
     except Exception as err:  # noqa: BLE001
         if name == "chunked":
             raise
-        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using chunked math")
-        _CHOSEN[key] = ("chunked", chunked_attention_lse)
-        return chunked_attention_lse(q, k, v, scale)
+        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using the next choice")
+        _DROPPED.setdefault(key, set()).add(name)
+        _CHOSEN.pop(key, None)
+        return attention_lse(q, k, v, scale)
+    backends.record_use(name)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,25 +406,36 @@ def triton_status(device, dtype, head_dim: int) -> dict:
 # Merges
 
 
-def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False):
+def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False,
+                 dest=None):
     """Exactly add a small key block to an attention result: given `out`/`lse` of rows `q` over some
     keys, return the attention of the same rows over those keys plus `k_blk` (logits shifted by -bias,
     values times value_scale, keys where `valid` [B, n] is False left out). Math in float32.
-    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32."""
+    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32. `dest`: a
+    q-dtype tensor (or view) the result is written into, else a new one.
+    Full-size ([rows, D]) work is one matmul, one fused multiply-add that reads `out` in its own dtype
+    (no float32 copy) and one division that stores in q's dtype (no cast kernel); the rest is on
+    [rows, n] logits, updated in place."""
     cd = _compute_dtype(q.dtype)
-    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)) * scale - bias
+    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)).mul_(scale)
+    if bias:
+        s.sub_(bias)
     if valid is not None:
-        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        s.masked_fill_(~valid[:, None, None, :], float("-inf"))
     lse = lse.to(cd)
     m = torch.maximum(lse, s.amax(dim=-1))  # lse is finite, so m is finite and nothing turns into NaN
-    w_old = torch.exp(lse - m)
-    w_blk = torch.exp(s - m[..., None])
-    num = w_old[..., None] * out.to(cd) + value_scale * torch.matmul(w_blk, v_blk.to(cd))
-    res = (num / (w_old + w_blk.sum(dim=-1))[..., None]).to(q.dtype)
+    w_old = torch.sub(lse, m).exp_()
+    w_blk = s.sub_(m[..., None]).exp_()
+    mass = w_blk.sum(dim=-1)
+    num = torch.matmul(w_blk, v_blk.to(cd) * value_scale).addcmul_(w_old[..., None], out)
+    total = w_old.add_(mass)
+    if dest is None and num.dtype == q.dtype:
+        res = num.div_(total[..., None])
+    else:
+        res = torch.div(num, total[..., None], out=torch.empty_like(q) if dest is None else dest)
     if not block_weight:
         return res
-    mass = w_blk.sum(dim=-1)
-    return res, mass / (w_old + mass)
+    return res, mass.div_(total)
 
 
 def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None, negative_share=None):
@@ -422,40 +467,46 @@ def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=N
         o_n, lse_n = attention_lse(q_i, k_n, v_n * (-alpha), scale)
         # Weight of the N1 block, 1 - W = A- / (A+ + A-), computed directly (not as 1 - W) so that it
         # keeps its relative precision when cast to a 16-bit dtype; lerp blends in float internally.
-        w_neg = torch.sigmoid(lse_n - beta - lse_i)
+        # In place on the fresh difference; the sigmoid stores straight into o's dtype (no cast kernel).
+        logit = torch.sub(lse_n, lse_i)
+        if beta:
+            logit.sub_(beta)
         if negative_share is not None:
+            w_neg = logit.sigmoid_()
             negative_share.add(w_neg.float().mean(dim=1))
-        w_neg = w_neg.to(o_i.dtype)[..., None]
+            w_neg = w_neg.to(o_i.dtype)[..., None]
+        elif logit.dtype == o_i.dtype:
+            w_neg = logit.sigmoid_()[..., None]
+        else:
+            w_neg = torch.sigmoid(logit, out=torch.empty(logit.shape, dtype=o_i.dtype, device=logit.device))[..., None]
         if dest is None:
             return torch.lerp(o_i, o_n, w_neg)
         return torch.lerp(o_i, o_n, w_neg, out=dest)
     if negative_share is None:
-        res = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale)
-    else:
-        res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True)
-        negative_share.add(w_neg.float().mean(dim=1))
-    if dest is None:
-        return res
-    dest.copy_(res)
-    return dest
+        return _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, dest=dest)
+    res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True, dest=dest)
+    negative_share.add(w_neg.float().mean(dim=1))
+    return res
 
 
 _N0_MASKS: dict[tuple, tuple] = {}
 
 
-def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch.Tensor:
-    """[B, 1, n, L] bool: N0 queries see image keys, R keys and the real N0 keys (all but P). n x L,
-    not L x L: the negative rows are few. Cached per layout geometry and padding mask (one generation
-    reuses it every layer)."""
+def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid, dtype) -> torch.Tensor:
+    """[B, 1, n, L] additive mask in `dtype` (0 / -inf): N0 queries see image keys, R keys and the real
+    N0 keys (all but P). n x L, not L x L: the negative rows are few. Cached per layout geometry, dtype and
+    padding mask (one generation reuses it every layer); additive, because SDPA turns a bool mask into
+    this one every call."""
     key = (layout.length, layout.positive.start, layout.positive.stop, layout.negative.start,
-           layout.negative.stop, batch, str(device), None if valid is None else id(layout.negative_mask))
+           layout.negative.stop, batch, str(device), dtype, None if valid is None else id(layout.negative_mask))
     hit = _N0_MASKS.get(key)
     if hit is not None and (valid is None or hit[1]() is layout.negative_mask):
         return hit[0]
     keys = (layout.roles(device) != 1).expand(batch, -1).clone()  # image and negative keys
     if valid is not None:
         keys[:, layout.negative] &= valid
-    mask = keys[:, None, None, :].expand(-1, 1, layout.negative_len, -1)
+    bias = torch.zeros(keys.shape, device=device, dtype=dtype).masked_fill_(~keys, float("-inf"))
+    mask = bias[:, None, None, :].expand(-1, 1, layout.negative_len, -1).contiguous()
     if len(_N0_MASKS) > 32:
         _N0_MASKS.clear()
     ref = (lambda: None) if valid is None else weakref.ref(layout.negative_mask)
@@ -584,7 +635,7 @@ def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
         except Exception as err:  # noqa: BLE001
             _triton_failed("n0", q_n, err)
     dest.copy_(F.scaled_dot_product_attention(
-        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid), scale=scale))
+        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid, q_n.dtype), scale=scale))
     return dest
 
 
@@ -601,7 +652,7 @@ def negative_rows(q, k, v, layout: TokenLayout, scale=None):
             return mod.negative_rows(q_n, k, v, layout.positive, layout.negative, valid, scale)
         except Exception as err:  # noqa: BLE001
             _triton_failed("n0", q_n, err)
-    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid)
+    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid, q.dtype)
     return F.scaled_dot_product_attention(q_n, k, v, attn_mask=mask, scale=scale)
 
 

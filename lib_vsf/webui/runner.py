@@ -31,7 +31,7 @@ from typing import Any, Sequence
 from ..patching import AttributePatch, PatchError
 from ..settings import VSFSettingsError
 from ..state import GuidanceRun, NegativeText
-from . import hosts, infotext, steps
+from . import attention_backend, hosts, infotext, steps
 from .args import ScriptArgs, parse_script_args
 from .hosts.base import HostAdapter, SamplingContext
 from .xyz import OVERRIDES_ATTR, apply_overrides
@@ -66,6 +66,7 @@ class Generation:
         self.ctx: SamplingContext | None = None
         self.adapter: HostAdapter | None = None
         self.passes = 0  # sampling passes guided so far (first pass, hires pass)
+        self.host_backend: str | None = None  # the host's attention library, preferred by VSF's fast path
         self.warnings: list[str] = []
         self._p = weakref.ref(p)
         self._negatives: dict[tuple, NegativeText] = {}
@@ -111,6 +112,7 @@ class Generation:
             patch = adapter.patch(self.run)
             patch.apply()
             ctx.add_undo(patch.restore)
+            self.host_backend = attention_backend.prefer_host_backend(ctx)
         except PatchError as exc:
             self.end_pass()
             self.warn(f"VSF is off for this image: {exc}")
@@ -136,6 +138,7 @@ class Generation:
         _mark_patched(None, only_if=self)
         if ctx is None:
             return
+        note = attention_backend.used_backend_note(self.host_backend)
         while ctx.undo:
             undo = ctx.undo.pop()
             try:
@@ -143,6 +146,8 @@ class Generation:
             except Exception:  # noqa: BLE001 - keep undoing the rest
                 log.error("[VSF] restoring failed:\n%s", traceback.format_exc())
         self.run.set_text(0, None)
+        if note:
+            self.warn(note)
 
     def on_step(self, params: Any) -> None:
         """Step callback: the sampler step of this model call for the window and the alpha schedule
