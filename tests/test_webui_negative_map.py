@@ -183,3 +183,44 @@ def test_a1111_attn2_wrapper_records_eq8_and_keeps_its_output():
     k = attn.to_k(context).detach()
     want = eq8_share(q, k, 5, negative.mask, 0.2)
     torch.testing.assert_close(recorder.mean(), want, rtol=1e-5, atol=1e-6)
+
+
+# -- not a generation parameter; where the tokens sit -------------------------------------------------------
+
+def test_the_option_is_not_in_the_infotext_and_pasting_leaves_it_alone(host):
+    from lib_vsf.settings import parse_infotext
+
+    p = generate(host, ON, batch_size=1)
+    text = p.processed.infotexts[0]
+    assert "map" not in text.lower().replace("negative share", "")  # no key of its own, only the note line
+    shown = host.components[-1]
+    shown.value = True
+    pasted = host.paste(parse_infotext(text))
+    assert pasted[-1] is True and pasted[:-1] == OFF[:-1]  # every other control from the infotext
+
+
+def test_grid_for_finds_the_token_grid_of_each_patch_size_and_video():
+    from lib_vsf.webui.negative_map import grid_for
+
+    assert (grid_for(8 * 12, 64, 96).height, grid_for(8 * 12, 64, 96).width) == (12, 8)  # UNet: 8 px a token
+    assert (grid_for(4 * 6, 64, 96).height, grid_for(4 * 6, 64, 96).width) == (6, 4)  # DiT: 16 px
+    assert (grid_for(3 * 3, 72, 72).height, grid_for(3 * 3, 72, 72).width) == (3, 3)  # rounded up
+    video = grid_for(5 * 4 * 4, 64, 64)
+    assert video.video and (video.frames, video.height, video.width) == (5, 4, 4)
+    assert grid_for(7, 64, 64) is None
+
+
+def test_a_videos_map_goes_with_its_first_frame_only():
+    from PIL import Image
+
+    from lib_vsf.webui.negative_map import OutputMap, map_for_output
+
+    run = GuidanceRun(VSFSettings())
+    recorder = run.record_negative_map()
+    recorder.add(torch.rand(1, 3 * 4 * 4))
+    frame = Image.new("RGB", (64, 64))
+    assert isinstance(map_for_output(recorder, frame, 0), OutputMap)
+    assert map_for_output(recorder, frame, 1) is None
+    still = run.record_negative_map()
+    still.add(torch.rand(1, 4 * 4))
+    assert "rows" in map_for_output(still, frame, 1)  # an image batch row without a map says so

@@ -57,9 +57,10 @@ def share_line(share: Any) -> str:
     return figure[:1].upper() + figure[1:]
 
 
-def map_for_output(recorder: NegativeShareMap, image: Any, row: int) -> OutputMap | str:
+def map_for_output(recorder: NegativeShareMap, image: Any, row: int) -> OutputMap | str | None:
     """The map of batch row `row` over `image` (the output as the host made it), or the reason there is
-    none (a sentence for the note)."""
+    none (a sentence for the note). A video's frames arrive as outputs one by one: its map (the mean over
+    its frames) goes with the first frame, the others get None (no map, nothing to say)."""
     from ..output import MAP_MIN_WIDTH, caption_below, negative_map_image
 
     if recorder.undefined_reason is not None:
@@ -76,6 +77,8 @@ def map_for_output(recorder: NegativeShareMap, image: Any, row: int) -> OutputMa
     if share is None or share.dim() < 3:
         return "the guided steps recorded maps of different sizes"
     if not 0 <= row < share.shape[0]:
+        if recorder.grid.video:
+            return None
         return f"the map has {share.shape[0]} rows, this is image {row + 1} of its batch"
     one = share[row]
     line = share_line(one)

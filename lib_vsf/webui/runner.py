@@ -207,6 +207,8 @@ class Generation:
         except Exception as exc:  # noqa: BLE001 - a map must never cost the image
             log.error("[VSF] negative-attention map failed:\n%s", traceback.format_exc())
             made = f"{type(exc).__name__}: {exc}"
+        if made is None:  # a later frame of a video: its map went with the first frame
+            return
         if isinstance(made, str):
             if recorder.undefined_reason is None:  # NAG / NASA: said once when the pass began
                 self.warn(negative_map.NO_MAP.format(reason=made))
