@@ -13,6 +13,7 @@
         start: "First step with guidance, as a fraction of the sampling steps (0 = from the first step).",
         end: "Guidance stops at this fraction of the steps (1 = until the end). Outside the window the step is the plain pass.",
         single_pass: "Run one conditional pass (CFG scale treated as 1): VSF replaces CFG, so the image costs one model call per step. Off: CFG runs as usual and VSF is added to its conditional pass.",
+        show_map: "Add one image per output: a heatmap over the image of the share of attention that goes to the flipped negative prompt (VSF only; NAG and NASA have no such share). The image itself is unchanged. The note under the image gives the mean and maximum share.",
     };
     const UNIQUE_LABELS = {
         "Value Sign Flip": VSF_TIPS.enabled,
@@ -22,6 +23,7 @@
         "Start (fraction of steps)": VSF_TIPS.start,
         "End (fraction of steps)": VSF_TIPS.end,
         "Single pass (replace CFG)": VSF_TIPS.single_pass,
+        "Show where the negative acts": VSF_TIPS.show_map,
     };
     if (typeof titles === "object" && titles !== null) {
         Object.assign(titles, UNIQUE_LABELS);

@@ -45,8 +45,11 @@ class ValueSignFlipScript(scripts.Script):
     def process_before_every_sampling(self, p, *args, **kwargs):
         runner.begin_pass(p)
 
+    def postprocess_image(self, p, pp, *args):
+        runner.add_map_image(p, pp)
+
     def postprocess(self, p, processed, *args):
-        runner.finish(p)
+        runner.finish(p, processed)
 
 
 script_callbacks.on_cfg_denoiser(runner.on_cfg_denoiser)

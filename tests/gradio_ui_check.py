@@ -53,14 +53,16 @@ def main():
     print("gradio", gr.__version__)
     with gr.Blocks() as demo:
         parts = ui.build(gr, InputAccordion, is_img2img=False)
-    check(len(parts.components) == len(UI_ARGS), "nine components in UI_ARGS order")
+    check(len(parts.components) == len(UI_ARGS), "ten components in UI_ARGS order")
     kinds = [type(c).__name__ for c in parts.components]
-    check(kinds[1:3] == ["Dropdown", "Dropdown"] and kinds[3:8] == ["Slider"] * 5 and kinds[8] == "Checkbox",
+    check(kinds[1:3] == ["Dropdown", "Dropdown"] and kinds[3:8] == ["Slider"] * 5 and kinds[8:] == ["Checkbox"] * 2,
           f"component kinds {kinds}")
     defaults = [c.value for c in parts.components]
     args = parse_script_args(defaults)
     check(not args.enabled and args.single_pass and args.preset == "Model default", f"defaults parse: {defaults}")
-    check(len(parts.infotext_fields) == len(UI_ARGS), "infotext_fields for every control")
+    # "Show where the negative acts" is not in the infotext (the map never changes the image): no paste field
+    check([id(c) for c, _ in parts.infotext_fields] == [id(c) for c in parts.components[:-1]],
+          "infotext_fields for every other control")
     fns = [f.fn for f in demo.fns] if isinstance(demo.fns, list) else [f.fn for f in demo.fns.values()]
     check(len(fns) == 4, f"4 listeners wired (preset + method/alpha/beta), got {len(fns)}")
     on_preset = next(fn for fn in fns if fn.__name__ == "on_preset")

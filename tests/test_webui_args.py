@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from lib_vsf.settings import PRESETS, VSFSettingsError
-from lib_vsf.webui.args import UI_ARGS, UI_DEFAULTS, parse_script_args
+from lib_vsf.webui.args import API_KEYS, UI_ARGS, UI_DEFAULTS, parse_script_args
 
 
 def test_ui_defaults_parse_to_the_model_default_off_with_single_pass():
@@ -91,6 +91,22 @@ def test_api_object_can_disable_and_keep_cfg():
     assert not args.enabled and not args.single_pass
 
 
+def test_show_map_is_off_by_default_and_asked_for_in_either_api_form():
+    from lib_vsf.webui.xyz import apply_overrides
+
+    assert UI_DEFAULTS["show_map"] is False and UI_ARGS[-1] == "show_map" and "show_map" in API_KEYS
+    assert not parse_script_args([True]).show_map and not parse_script_args([{}]).show_map
+    as_list = parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, True])
+    as_object = parse_script_args([{"show_map": True}])
+    assert as_list.show_map and as_object.show_map and as_list.values()[-1] is True
+    # it changes nothing else, survives the model default, a preset and an X/Y/Z cell
+    assert as_list.settings == parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2]).settings
+    assert as_object.for_family("flux").show_map and parse_script_args([{"preset": "NAG", "show_map": True}]).show_map
+    assert apply_overrides(as_list, {"alpha": 5.0}).show_map
+    assert apply_overrides(as_object, {"preset": "VSF Strong"}).show_map
+    assert not apply_overrides(parse_script_args([True]), {"alpha": 5.0}).show_map
+
+
 @pytest.mark.parametrize("bad, message", [
     ([{"alpha": -1}], "alpha must be between"),
     ([{"alpha": "lots"}], "alpha must be a number"),
@@ -107,7 +123,10 @@ def test_api_object_can_disable_and_keep_cfg():
     ([{"single_pass": 0}], "single pass must be true or false"),
     (["true"], "enabled must be true or false"),
     ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0.5, 0.5, True], "must be smaller than end"),
-    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, "extra"], "at most"),
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, False, "extra"], "at most"),
+    ([{"show_map": "yes"}], "show map must be true or false"),
+    ([{"show_map": 1}], "show map must be true or false"),
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, "true"], "show map must be true or false"),
     (["yes please"], "enabled must be true or false"),
 ])
 def test_bad_values_raise_a_clear_error(bad, message):

@@ -19,7 +19,7 @@ from webui_host_double import Processing, host_double
 
 def window(start, end):
     """UI arguments: VSF on, VSF Quality, the given start/end."""
-    return [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, start, end, True]
+    return [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, start, end, True, False]
 
 
 @pytest.fixture

@@ -14,7 +14,15 @@ documented to behave (../shared/docs/HOSTS.md):
   bookkeeping and calls the "model" (`ATTENTION_MODULE.attention`), with an optional hires pass, an
   interrupt, or an exception;
 - `api_args(...)`: `alwayson_scripts` copied verbatim into the script's slots, over the UI defaults;
-- `DoubleAdapter`: a `HostAdapter` for `DoubleModel` that patches `ATTENTION_MODULE.attention`.
+- `DoubleAdapter`: a `HostAdapter` for `DoubleModel` that patches `ATTENTION_MODULE.attention`, and
+  `ATTENTION_MODULE.cross_attention` with the Forge-family adapters' own guided call
+  (`hosts._guided.guided_call`, real VSF attention);
+- outputs (`DoubleModel(image_grid=(h, w))`): each model call also runs one real cross-attention of
+  `h*w` image tokens over the text stream (positive + the pass's negatives, set as the adapters set it);
+  after each batch the last call's output is decoded into one PIL image per sample, and the hosts'
+  per-image loop runs (`p.batch_index`, `postprocess_image(p, pp)`, then that image's infotext), then
+  `postprocess(p, processed)` with `processed.images`, `infotexts`, `extra_images`
+  (`p.extra_result_images`, which the hosts show after the outputs and append to the API's `images`).
 """
 from __future__ import annotations
 
@@ -32,6 +40,7 @@ import torch
 from lib_vsf.patching import AttributePatch, check_callable
 from lib_vsf.state import NegativeText
 from lib_vsf.webui import hosts
+from lib_vsf.webui.hosts._guided import guided_call
 from lib_vsf.webui.hosts.base import HostAdapter, SamplingContext
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -187,9 +196,20 @@ def _host_attention(q, k, v):
     return q + k + v
 
 
+def _host_cross_attention(q, k, v, heads):
+    """The host's own attention `(q, k, v, heads)` on `[B, L, H*D]`, as the Forge-family hosts have it."""
+    b, length, width = q.shape
+    q, k, v = (t.reshape(t.shape[0], -1, heads, width // heads).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    return out.transpose(1, 2).reshape(b, length, width)
+
+
 ATTENTION_MODULE = types.ModuleType("double_host_attention")
 ATTENTION_MODULE.attention = _host_attention
+ATTENTION_MODULE.cross_attention = _host_cross_attention
 HOST_ATTENTION = _host_attention
+HOST_CROSS_ATTENTION = _host_cross_attention
+TEXT_WIDTH, HEADS, POSITIVE_TOKENS = 4, 2, 3  # the double's text stream: 3 positive tokens of width 4
 
 
 class DoubleModel:
@@ -197,9 +217,10 @@ class DoubleModel:
     `a1111_single_pass=True`: the adapter forces its single pass the A1111 way (the `skip_early_cond`
     option, `A1111SD3Adapter._force_single_pass`), as the A1111 SD3 and UNet adapters do."""
 
-    def __init__(self, supported=True, a1111_single_pass=False):
+    def __init__(self, supported=True, a1111_single_pass=False, image_grid=None):
         self.is_double = supported
         self.a1111_single_pass = a1111_single_pass
+        self.image_grid = image_grid  # (h, w) image tokens: the model makes outputs (module docstring)
         self.encoded: list[list[str]] = []
         self.attached: list[SamplingContext] = []
         self.undone = 0
@@ -239,7 +260,13 @@ class DoubleAdapter(HostAdapter):
         def guided_attention(q, k, v):
             run.calls += 1
             return q - k - v
-        return AttributePatch().add(ATTENTION_MODULE, "attention", guided_attention)
+
+        def guided_cross_attention(q, k, v, heads):
+            if run.negative_len == 0 or k.shape[1] != run.text_len:
+                return HOST_CROSS_ATTENTION(q, k, v, heads)
+            return guided_call(q, k, v, heads, run.cross_layout(total=k.shape[1]), run, joint=False)
+        return (AttributePatch().add(ATTENTION_MODULE, "attention", guided_attention)
+                .add(ATTENTION_MODULE, "cross_attention", guided_cross_attention))
 
 
 # -- the sampler ---------------------------------------------------------------------------------------------
@@ -431,9 +458,31 @@ class CFGDenoiser(torch.nn.Module):
         guided = bool(ctx is not None and ctx.guided_now() and float(out) < 0)
         p.trace.append({"hires": bool(p.is_hr_pass), "step": None, "call": self.step, "host_step": params.sampling_step,
                         "patched": ATTENTION_MODULE.attention is not HOST_ATTENTION, "guided": guided,
-                        "alpha": ctx.run.guidance().alpha if guided else None})
+                        "alpha": ctx.run.guidance().alpha if guided else None,
+                        "recorder": ctx.run.negative_map if ctx is not None else None})
+        if getattr(p.sd_model, "image_grid", None):
+            p.latent = _image_attention(p, ctx, self.step)
         self.step += 1
         return x * 0.5
+
+
+def _image_attention(p, ctx, call):
+    """One cross-attention of the model's image tokens over its text stream (seeded per batch and call);
+    the negatives join the stream, as the adapters' model wrappers make them, on the guided steps."""
+    h, w = p.sd_model.image_grid
+    g = torch.Generator().manual_seed(1000 * (1 + int(p.iteration)) + 10 * int(p.is_hr_pass) + call)
+    q = torch.randn(p.batch_size, h * w * (4 if p.is_hr_pass else 1), TEXT_WIDTH, generator=g)
+    text = torch.randn(p.batch_size, POSITIVE_TOKENS, TEXT_WIDTH, generator=g)
+    if ctx is not None and ctx.guided_now():
+        negative = ctx.negative.for_batch(p.batch_size)
+        ctx.run.set_text(POSITIVE_TOKENS, negative)
+        text = torch.cat([text, negative.embeds.to(text.dtype)], dim=1)
+    p.trace[-1]["q"], p.trace[-1]["text"] = q, text  # what the model's attention saw (for the tests' eq. 8)
+    try:
+        return ATTENTION_MODULE.cross_attention(q, text, text, HEADS)
+    finally:
+        if ctx is not None:
+            ctx.run.set_text(0, None)
 
 
 class Sampler:
@@ -475,7 +524,7 @@ class Processing:
 
     def __init__(self, host: "HostDouble", sd_model=None, batch_size=2, n_iter=1, steps=4, enable_hr=False,
                  negative_prompt="blurry, text", negative_prompts=None, fail_at_step=None, interrupt_at_step=None,
-                 sampler_name="Euler"):
+                 sampler_name="Euler", extra_result_images=True):
         self.host = host
         self.sd_model = sd_model if sd_model is not None else DoubleModel()
         self.batch_size, self.n_iter, self.steps, self.enable_hr = batch_size, n_iter, steps, enable_hr
@@ -490,6 +539,12 @@ class Processing:
         self.sampler_name = sampler_name  # a key of SAMPLERS
         self.sampler = None
         self.trace: list[dict] = []  # one entry per model call: its sampler step, what the model saw
+        # Outputs (a model with `image_grid`): the hosts' per-image bookkeeping and results.
+        self.iteration, self.batch_index, self.latent = 0, None, None
+        if extra_result_images:  # A1111 >= 1.7, Forge, Neo; False: an older host without the list
+            self.extra_result_images: list = []
+        self.processed = None
+        self.latents: list[torch.Tensor] = []  # each batch's last model output, as decoded
 
     def comment(self, text):
         self.comments[text] = 1
@@ -566,6 +621,7 @@ class HostDouble:
         if DoubleAdapter in hosts.ADAPTERS:
             hosts.ADAPTERS.remove(DoubleAdapter)
         ATTENTION_MODULE.attention = HOST_ATTENTION
+        ATTENTION_MODULE.cross_attention = HOST_CROSS_ATTENTION
         return False
 
     def skip_early_cfg(self, p, step):
@@ -615,7 +671,7 @@ class HostDouble:
         if hook is None:
             return
         try:
-            hook(p, *extra, *p.script_args) if name != "postprocess" else hook(p, "processed", *p.script_args)
+            hook(p, *extra, *p.script_args) if name != "postprocess" else hook(p, p.processed, *p.script_args)
         except Exception as exc:  # noqa: BLE001 - the hosts' errors.report
             self.hook_errors.append(f"{name}: {type(exc).__name__}: {exc}")
 
@@ -624,12 +680,30 @@ class HostDouble:
         p.script_args = list(script_args)
         self.run_hook("process", p)
         p.init(None, None, None)  # all_prompts, all_seeds, all_subseeds: unused by the double
+        images, infotexts = [], []
         for n in range(p.n_iter):
+            p.iteration = n
             p.negative_prompts = p.all_negative_prompts[n * p.batch_size:(n + 1) * p.batch_size]
             p.is_hr_pass = False
             p.sample(conditioning=None, unconditional_conditioning=None)
+            if p.latent is None:
+                continue
+            p.latents.append(p.latent)
+            for i, image in enumerate(decode(p.latent, p.sd_model.image_grid, hires=p.is_hr_pass)):
+                p.batch_index = i
+                pp = types.SimpleNamespace(image=image, index=i + n * p.batch_size)  # PostprocessImageArgs
+                self.run_hook("postprocess_image", p, pp)
+                infotexts.append(self.infotext(p))  # each image's own infotext, after its hooks
+                images.append(pp.image)
+            p.latent = None
+        p.processed = types.SimpleNamespace(images=images, infotexts=infotexts, index_of_first_image=0,
+                                            extra_images=getattr(p, "extra_result_images", []))
         self.run_hook("postprocess", p)
         return p
+
+    def api_images(self, p: Processing) -> list:
+        """The API's `images`: `processed.images + processed.extra_images` (the hosts' api.py)."""
+        return p.processed.images + p.processed.extra_images
 
     def api_args(self, args) -> list:
         """`alwayson_scripts[title]["args"]` over the UI defaults, copied verbatim (as the hosts' API)."""
@@ -696,6 +770,19 @@ class HostDouble:
             option = next(o for o in self.xyz.axis_options if o.label == label)
             option.apply(cell, value, [value])
         return cell
+
+
+PIXELS_PER_TOKEN = 8  # the double's decoder: one image token is 8 x 8 pixels (a UNet's finest level)
+
+
+def decode(latent: torch.Tensor, grid, hires: bool = False) -> list:
+    """One RGB image per sample of `[B, h*w, 4]`: channels 0-2 of each token as an 8x8 pixel block."""
+    from PIL import Image
+
+    h, w = (2 * grid[0], 2 * grid[1]) if hires else grid
+    pixels = (torch.sigmoid(latent[..., :3]) * 255).round().to(torch.uint8).reshape(-1, h, w, 3)
+    return [Image.fromarray(x.numpy(), "RGB").resize((w * PIXELS_PER_TOKEN, h * PIXELS_PER_TOKEN), Image.NEAREST)
+            for x in pixels]
 
 
 @contextlib.contextmanager

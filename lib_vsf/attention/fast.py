@@ -3,19 +3,27 @@
 Exact VSF at about the cost of the unguided pass, without an Lq x Lk mask (memory stays linear in the
 sequence length). The idea (VSF-SPEC.md, "Equivalence"): for an image query,
 
-    A+ = sum over {I, P} of exp(s),   A- = sum over N of exp(s - beta),   W = A+ / (A+ + A-)
+    A+ = sum over {I, P, R} of exp(s),   A- = sum over N of exp(s - beta),   W = A+ / (A+ + A-)
     Z  = W Z+ - alpha (1 - W) Z-
 
-and A+ / A- are exactly what an attention kernel's log-sum-exp (LSE) output holds. So one *unmasked*
-attention over the {I, P} rows and keys (the unguided pass itself, on the fastest kernel) gives Z+ and
-log A+ for every image row and the final output of every P row; a second unmasked call of the image rows
-over the few negative keys gives Z- and log A-; two elementwise kernels merge them. N0 rows (the
-negative text stream, few queries) attend {I, N0}: one call over I, merged the same way with N0.
+(R: reference-image tokens, `TokenLayout.reference`, when the model has them) and A+ / A- are exactly
+what an attention kernel's log-sum-exp (LSE) output holds. So one *unmasked* attention over the
+{I, P, R} rows and keys (the unguided pass itself, on the fastest kernel) gives Z+ and log A+ for every
+image row and the final output of every P and R row (R is never flipped); a second unmasked call of the
+true image rows over the few negative keys gives Z- and log A-; two elementwise kernels merge them. N0
+rows (the negative text stream, few queries) attend {I, R, N0}: every key but P, one masked call.
+
+The model's own positive-text mask (`TokenLayout.positive_mask`: padded positive positions are keys for
+nobody) keeps the big pass maskless: the samples are grouped by their mask (usually one group) and each
+group's pass runs over its real keys only, gathered (`_context_pass`). N0 rows never see P anyway.
 
 Which kernel returns the LSE depends on device, dtype and torch version (2.1 .. 2.13): `attention_lse`
 tries the candidates in order on first use for a (device, dtype, head_dim), checks each against plain
 math on a tiny problem, and caches the first that works; a pure-torch chunked implementation is always
-there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`).
+there as the last resort. `VSF_ATTENTION_BACKEND=<name>` forces one (names in `BACKENDS`); a forced
+backend that is not usable here gives one warning and the automatic order. The user's own attention
+library (flash-attn, xformers, SageAttention: `backends.py`) joins the candidates when the host uses it
+(`backends.set_preferred_backend`, set by the WebUI glue): on CUDA it is tried first, checked the same way.
 
 Padded negatives (samples with different negative lengths, `TokenLayout.negative_mask`) cannot be
 expressed to a maskless kernel; that case merges the small negative block in float32 instead
@@ -29,9 +37,9 @@ remains the path on CPU, without Triton, or when a kernel fails.
 
 The negative-attention map (`negative_share`, a `lib_vsf.state.NegativeShareMap` or None): the image
 rows' weight of the N1 block, 1 - W = sigmoid(log A- - log A+), is already an intermediate of the
-merge; when a recorder is given its head mean `[B, image tokens]` is handed over (one reduction per
-call). None (the default) adds nothing. The fused Triton merge then also stores the weight into a
-`[B, H, rows]` float32 buffer (its output is computed exactly as without it).
+merge; when a recorder is given its head mean `[B, image tokens]` (true image rows, never R) is handed
+over (one reduction per call). None (the default) adds nothing. The fused Triton merge then also
+stores the weight into a `[B, H, rows]` float32 buffer (its output is computed exactly as without it).
 """
 from __future__ import annotations
 
@@ -44,7 +52,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .reference import vsf_joint_reference
+from . import backends
+from .reference import check_cross_layout, vsf_joint_reference
 from ..layout import NEGATIVE, TokenLayout
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +125,7 @@ _FACTORIES: dict[str, Callable[[], Callable | None]] = {
     "efficient": lambda: _aten_lse_backend("_scaled_dot_product_efficient_attention"),
     "flash_cpu": lambda: _aten_lse_backend("_scaled_dot_product_flash_attention_for_cpu"),
     "chunked": lambda: chunked_attention_lse,
+    **backends.FACTORIES,  # the user's attention libraries: tried only when preferred or forced
 }
 BACKENDS = tuple(_FACTORIES)
 _ORDER = {
@@ -126,10 +136,18 @@ _ORDER = {
     "cpu": ("flash_cpu", "flash", "chunked"),
 }
 _CHOSEN: dict[tuple, tuple[str, Callable]] = {}
+_DROPPED: dict[tuple, set[str]] = {}  # per key: backends that failed on a real call
 
 
 def _order_for(device: torch.device) -> tuple[str, ...]:
     order = _ORDER.get(device.type, ("chunked",))
+    preferred = backends.preferred_backend()
+    if device.type == "cuda" and preferred in backends.LIBRARY_BACKENDS:  # the host's library, then aten
+        return (preferred,) + _order_without_preference(device, order)
+    return _order_without_preference(device, order)
+
+
+def _order_without_preference(device: torch.device, order: tuple[str, ...]) -> tuple[str, ...]:
     if device.type == "cuda" and "flash" in order and "cudnn" in order:
         try:
             hopper = torch.cuda.get_device_capability(device)[0] >= 9
@@ -143,14 +161,17 @@ def _order_for(device: torch.device) -> tuple[str, ...]:
 def reset_backend_cache() -> None:
     """Forget the cached backend choices (tests, or after changing VSF_ATTENTION_BACKEND / VSF_TRITON)."""
     _CHOSEN.clear()
+    _DROPPED.clear()
     _TRITON_OK.clear()
 
 
 def _works(fn, device, dtype, head_dim) -> bool:
-    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?"""
+    """Does `fn` give the right output and LSE on small problems of this device/dtype/head_dim?
+    A backend may loosen the tolerance (`fn.vsf_tolerance`: quantized kernels such as SageAttention)."""
     g = torch.Generator().manual_seed(1234)
     cd = _compute_dtype(dtype)
     tol = 1e-6 if dtype == torch.float64 else (1e-4 if dtype == torch.float32 else 3e-2)
+    tol = max(tol, getattr(fn, "vsf_tolerance", 0.0))
     try:
         for lq, lk in ((67, 5), (5, 67)):  # few keys (negative block) and few queries (N0 rows)
             q, k, v = (torch.randn(2, 3, n, head_dim, generator=g, dtype=cd) for n in (lq, lk, lk))
@@ -169,21 +190,36 @@ def _works(fn, device, dtype, head_dim) -> bool:
         return False
 
 
+def _key(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple:
+    return (device.type, device.index, dtype, head_dim, backends.preferred_backend())
+
+
 def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, Callable]:
-    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached."""
-    key = (device.type, device.index, dtype, head_dim)
+    """(name, fn) of the LSE attention used for this device/dtype/head_dim, chosen once and cached.
+    A forced or preferred backend that is unavailable or fails the check gives one warning (per key)."""
+    key = _key(device, dtype, head_dim)
     if key in _CHOSEN:
         return _CHOSEN[key]
     forced = os.environ.get("VSF_ATTENTION_BACKEND", "").strip()
-    order = (forced,) if forced else _order_for(device)
+    wanted = forced or (backends.preferred_backend() if device.type == "cuda" else None)
+    order = _order_for(device)
+    if forced:
+        order = (forced,) + tuple(n for n in order if n != forced)
     for name in order:
+        if name in _DROPPED.get(key, ()):
+            continue
         factory = _FACTORIES.get(name)
         fn = factory() if factory else None
         if fn is not None and (name == "chunked" or _works(fn, device, dtype, head_dim)):
             _CHOSEN[key] = (name, fn)
             return _CHOSEN[key]
-    if forced:
-        warnings.warn(f"VSF_ATTENTION_BACKEND={forced!r} is not usable here; using chunked")
+        if name == wanted:
+            why = ("unknown name" if factory is None else backends.unavailable_reason(name) if fn is None
+                   else "its output or log-sum-exp failed the first-use check against float32 math")
+            src = "VSF_ATTENTION_BACKEND" if forced else "the host's attention backend"
+            backends.note_unusable(name, why)
+            warnings.warn(f"VSF: {name!r} ({src}) is not usable for {device.type} {str(dtype)[6:]} head_dim "
+                          f"{head_dim}: {why}; using the automatic choice")
     _CHOSEN[key] = ("chunked", chunked_attention_lse)
     return _CHOSEN[key]
 
@@ -191,17 +227,20 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int) -> t
 def attention_lse(q, k, v, scale):
     """Unmasked attention over [B, H, L, D] tensors -> (output in q's dtype, LSE [B, H, Lq] in float32,
     float64 for float64). Uses the cached backend; if it fails on a particular call (shape limits),
-    that backend is dropped for this key and the chunked math answers."""
-    key = (q.device.type, q.device.index, q.dtype, q.shape[-1])
+    that backend is dropped for this key and the next candidate in the order answers (chunked last)."""
+    key = _key(q.device, q.dtype, q.shape[-1])
     name, fn = select_backend(q.device, q.dtype, q.shape[-1])
     try:
-        return fn(q, k, v, scale)
+        res = fn(q, k, v, scale)
     except Exception as err:  # noqa: BLE001
         if name == "chunked":
             raise
-        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using chunked math")
-        _CHOSEN[key] = ("chunked", chunked_attention_lse)
-        return chunked_attention_lse(q, k, v, scale)
+        warnings.warn(f"VSF: attention backend {name!r} failed ({err!s:.200}); using the next choice")
+        _DROPPED.setdefault(key, set()).add(name)
+        _CHOSEN.pop(key, None)
+        return attention_lse(q, k, v, scale)
+    backends.record_use(name)
+    return res
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,25 +406,36 @@ def triton_status(device, dtype, head_dim: int) -> dict:
 # Merges
 
 
-def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False):
+def _merge_block(out, lse, q, k_blk, v_blk, value_scale: float, bias: float, valid, scale, block_weight=False,
+                 dest=None):
     """Exactly add a small key block to an attention result: given `out`/`lse` of rows `q` over some
     keys, return the attention of the same rows over those keys plus `k_blk` (logits shifted by -bias,
     values times value_scale, keys where `valid` [B, n] is False left out). Math in float32.
-    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32."""
+    `block_weight`: also return the softmax mass of the block per row, [B, H, Lq] float32. `dest`: a
+    q-dtype tensor (or view) the result is written into, else a new one.
+    Full-size ([rows, D]) work is one matmul, one fused multiply-add that reads `out` in its own dtype
+    (no float32 copy) and one division that stores in q's dtype (no cast kernel); the rest is on
+    [rows, n] logits, updated in place."""
     cd = _compute_dtype(q.dtype)
-    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)) * scale - bias
+    s = torch.matmul(q.to(cd), k_blk.to(cd).transpose(-1, -2)).mul_(scale)
+    if bias:
+        s.sub_(bias)
     if valid is not None:
-        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        s.masked_fill_(~valid[:, None, None, :], float("-inf"))
     lse = lse.to(cd)
     m = torch.maximum(lse, s.amax(dim=-1))  # lse is finite, so m is finite and nothing turns into NaN
-    w_old = torch.exp(lse - m)
-    w_blk = torch.exp(s - m[..., None])
-    num = w_old[..., None] * out.to(cd) + value_scale * torch.matmul(w_blk, v_blk.to(cd))
-    res = (num / (w_old + w_blk.sum(dim=-1))[..., None]).to(q.dtype)
+    w_old = torch.sub(lse, m).exp_()
+    w_blk = s.sub_(m[..., None]).exp_()
+    mass = w_blk.sum(dim=-1)
+    num = torch.matmul(w_blk, v_blk.to(cd) * value_scale).addcmul_(w_old[..., None], out)
+    total = w_old.add_(mass)
+    if dest is None and num.dtype == q.dtype:
+        res = num.div_(total[..., None])
+    else:
+        res = torch.div(num, total[..., None], out=torch.empty_like(q) if dest is None else dest)
     if not block_weight:
         return res
-    mass = w_blk.sum(dim=-1)
-    return res, mass / (w_old + mass)
+    return res, mass.div_(total)
 
 
 def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=None, negative_share=None):
@@ -417,39 +467,46 @@ def _image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=N
         o_n, lse_n = attention_lse(q_i, k_n, v_n * (-alpha), scale)
         # Weight of the N1 block, 1 - W = A- / (A+ + A-), computed directly (not as 1 - W) so that it
         # keeps its relative precision when cast to a 16-bit dtype; lerp blends in float internally.
-        w_neg = torch.sigmoid(lse_n - beta - lse_i)
+        # In place on the fresh difference; the sigmoid stores straight into o's dtype (no cast kernel).
+        logit = torch.sub(lse_n, lse_i)
+        if beta:
+            logit.sub_(beta)
         if negative_share is not None:
+            w_neg = logit.sigmoid_()
             negative_share.add(w_neg.float().mean(dim=1))
-        w_neg = w_neg.to(o_i.dtype)[..., None]
+            w_neg = w_neg.to(o_i.dtype)[..., None]
+        elif logit.dtype == o_i.dtype:
+            w_neg = logit.sigmoid_()[..., None]
+        else:
+            w_neg = torch.sigmoid(logit, out=torch.empty(logit.shape, dtype=o_i.dtype, device=logit.device))[..., None]
         if dest is None:
             return torch.lerp(o_i, o_n, w_neg)
         return torch.lerp(o_i, o_n, w_neg, out=dest)
     if negative_share is None:
-        res = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale)
-    else:
-        res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True)
-        negative_share.add(w_neg.float().mean(dim=1))
-    if dest is None:
-        return res
-    dest.copy_(res)
-    return dest
+        return _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, dest=dest)
+    res, w_neg = _merge_block(o_i, lse_i, q_i, k_n, v_n, -alpha, beta, valid, scale, block_weight=True, dest=dest)
+    negative_share.add(w_neg.float().mean(dim=1))
+    return res
 
 
 _N0_MASKS: dict[tuple, tuple] = {}
 
 
-def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch.Tensor:
-    """[B, 1, n, L] bool: N0 queries see image keys and the real N0 keys. n x L, not L x L: the negative
-    rows are few. Cached per layout geometry and padding mask (one generation reuses it every layer)."""
+def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid, dtype) -> torch.Tensor:
+    """[B, 1, n, L] additive mask in `dtype` (0 / -inf): N0 queries see image keys, R keys and the real
+    N0 keys (all but P). n x L, not L x L: the negative rows are few. Cached per layout geometry, dtype and
+    padding mask (one generation reuses it every layer); additive, because SDPA turns a bool mask into
+    this one every call."""
     key = (layout.length, layout.positive.start, layout.positive.stop, layout.negative.start,
-           layout.negative.stop, batch, str(device), None if valid is None else id(layout.negative_mask))
+           layout.negative.stop, batch, str(device), dtype, None if valid is None else id(layout.negative_mask))
     hit = _N0_MASKS.get(key)
     if hit is not None and (valid is None or hit[1]() is layout.negative_mask):
         return hit[0]
     keys = (layout.roles(device) != 1).expand(batch, -1).clone()  # image and negative keys
     if valid is not None:
         keys[:, layout.negative] &= valid
-    mask = keys[:, None, None, :].expand(-1, 1, layout.negative_len, -1)
+    bias = torch.zeros(keys.shape, device=device, dtype=dtype).masked_fill_(~keys, float("-inf"))
+    mask = bias[:, None, None, :].expand(-1, 1, layout.negative_len, -1).contiguous()
     if len(_N0_MASKS) > 32:
         _N0_MASKS.clear()
     ref = (lambda: None) if valid is None else weakref.ref(layout.negative_mask)
@@ -464,32 +521,40 @@ def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch
 def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """Exact joint-attention VSF (VSF-SPEC.md table) for `[B, H, L, D]` tensors in any token order.
 
-    I rows: softmax over {I, P} and N1 (logits - beta, values -alpha v_N); P rows: plain over {I, P};
-    N0 rows: over {I, real N0}. Equals `vsf_joint_reference` within dtype tolerance with memory linear
-    in L. Contiguous token groups are used as views; other orders fall back to index_select.
+    I rows: softmax over {I, P, R} and N1 (logits - beta, values -alpha v_N); P and R rows: plain over
+    {I, P, R}; N0 rows: over {I, R, real N0}; padded positive positions are keys for nobody. Equals
+    `vsf_joint_reference` within dtype tolerance with memory linear in L. Contiguous token groups are
+    used as views; other orders fall back to index_select.
     `negative_share`: optional recorder of the image rows' 1 - W (module docstring)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    length, neg, pos = layout.length, layout.negative, layout.positive
+    length, neg, pos, ref = layout.length, layout.negative, layout.positive, layout.reference
     if q.shape[2] != length:
         raise ValueError(f"sequence has {q.shape[2]} tokens, layout describes {length}")
-    image_pieces = _gaps(length, (pos, neg))
+    image_pieces = _gaps(length, (pos, neg) if ref is None else (pos, neg, ref))  # true image rows
     if not image_pieces:  # no image tokens: a text-only call, tiny; the dense reference is fine (no map)
         return vsf_joint_reference(q, k, v, layout, alpha, beta, scale)
-    if layout.negative_len == 0:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     batch, device = q.shape[0], q.device
+    if layout.negative_len == 0:
+        if layout.positive_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        keys = torch.ones(batch, length, dtype=torch.bool, device=device)
+        keys[:, pos] = layout.positive_valid(batch, device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=scale)
     valid = _padding_mask(layout, batch, device)
 
-    ip = _positions(_gaps(length, (neg,)), device)  # {I, P} in sequence order
+    ip = _positions(_gaps(length, (neg,)), device)  # {I, P, R} in sequence order
     image = _positions(image_pieces, device)
     image_in_ip = _positions(_shift_past(image_pieces, neg), device)
     pos_in_ip = slice(*_shift_past([(pos.start, pos.stop)], neg)[0])
 
-    # One unmasked pass over {I, P}: the unguided attention, with log-sum-exp.
-    o_ip, lse_ip = attention_lse(_take(q, ip), _take(k, ip), _take(v, ip), scale)
+    # One pass over {I, P, R} (the unguided attention, with log-sum-exp): unmasked, or over the real
+    # keys of each group of samples that share a positive mask.
+    o_ip, lse_ip = _context_pass(q, k, v, layout, ip, scale)
 
     out = torch.empty_like(q)
     out[:, :, pos] = o_ip[:, :, pos_in_ip]
+    if ref is not None:  # R rows: final from the same pass, never flipped
+        out[:, :, ref] = o_ip[:, :, slice(*_shift_past([(ref.start, ref.stop)], neg)[0])]
     q_n, k_n, v_n = q[:, :, neg], k[:, :, neg], v[:, :, neg]
     o_i, lse_i = _take(o_ip, image_in_ip), lse_ip[:, :, image_in_ip]
     q_i = _take(q, image)
@@ -505,6 +570,62 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     return out
 
 
+_GROUP_CACHE: dict[tuple, tuple[weakref.ref, list | None]] = {}
+
+
+def _positive_groups(layout: TokenLayout, batch: int, device) -> list | None:
+    """None when every positive position is real (or there is no mask); else one (samples, keys) per
+    distinct positive mask in the batch: `samples` the batch rows (None: all of them), `keys` the
+    positions of {I, real P, R} (a slice when contiguous). Cached per mask tensor and geometry, so a
+    GPU mask costs one sync per generation, not per attention call."""
+    mask = layout.positive_mask
+    if mask is None:
+        return None
+    key = (id(mask), batch, str(device), layout.length, layout.positive.start, layout.positive.stop,
+           layout.negative.start, layout.negative.stop)
+    hit = _GROUP_CACHE.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    rows = layout.positive_valid(batch, "cpu")
+    groups = None
+    if not bool(rows.all()):
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        groups = []
+        for g, row in enumerate(distinct):
+            padded = [slice(layout.positive.start + j, layout.positive.start + j + 1)
+                      for j in range(row.numel()) if not row[j]]
+            keys = _positions(_gaps(layout.length, [layout.negative] + padded), device)
+            members = torch.nonzero(inverse == g, as_tuple=False).flatten()
+            groups.append((None if members.numel() == batch else members.to(device), keys))
+    if len(_GROUP_CACHE) > 64:
+        _GROUP_CACHE.clear()
+    _GROUP_CACHE[key] = (weakref.ref(mask), groups)
+    return groups
+
+
+def _context_pass(q, k, v, layout: TokenLayout, ip, scale):
+    """Rows {I, P, R} over keys {I, real P, R}: (output, LSE). Without padded positive positions this is
+    the one unmasked pass over `ip`; with them, one unmasked pass per group of samples sharing a mask,
+    over that group's real keys only (exact, still no Lq x Lk mask)."""
+    groups = _positive_groups(layout, q.shape[0], q.device)
+    q_ip = _take(q, ip)
+    if groups is None:
+        return attention_lse(q_ip, _take(k, ip), _take(v, ip), scale)
+    if len(groups) == 1:
+        keys = groups[0][1]
+        return attention_lse(q_ip, _take(k, keys), _take(v, keys), scale)
+    out, lse = None, None
+    for samples, keys in groups:
+        o_g, lse_g = attention_lse(q_ip.index_select(0, samples), _take(k.index_select(0, samples), keys),
+                                   _take(v.index_select(0, samples), keys), scale)
+        if out is None:
+            out = o_g.new_empty(q_ip.shape)
+            lse = lse_g.new_empty(q_ip.shape[:3])
+        out.index_copy_(0, samples, o_g)
+        lse.index_copy_(0, samples, lse_g)
+    return out, lse
+
+
 def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
     """N0 rows into `dest`: the split-key Triton kernel where usable, else one masked SDPA call."""
     mod = _triton_kernel("n0", q_n, lambda m: m.supports_negative_rows(q_n, q_n.shape[2]))
@@ -514,13 +635,14 @@ def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
         except Exception as err:  # noqa: BLE001
             _triton_failed("n0", q_n, err)
     dest.copy_(F.scaled_dot_product_attention(
-        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid), scale=scale))
+        q_n, k, v, attn_mask=_negative_rows_mask(layout, q_n.shape[0], q_n.device, valid, q_n.dtype), scale=scale))
     return dest
 
 
 def negative_rows(q, k, v, layout: TokenLayout, scale=None):
-    """Outputs of the N0 rows (the negative text stream): attention over image keys and the real N0
-    keys, one SDPA call with an n x L mask. Shared by VSF, NAG and NASA."""
+    """Outputs of the N0 rows (the negative text stream): attention over image keys, reference-image
+    keys and the real N0 keys (every key but P), one SDPA call with an n x L mask. Shared by VSF, NAG
+    and NASA."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     valid = _padding_mask(layout, q.shape[0], q.device)
     q_n = q[:, :, layout.negative]
@@ -530,13 +652,14 @@ def negative_rows(q, k, v, layout: TokenLayout, scale=None):
             return mod.negative_rows(q_n, k, v, layout.positive, layout.negative, valid, scale)
         except Exception as err:  # noqa: BLE001
             _triton_failed("n0", q_n, err)
-    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid)
+    mask = _negative_rows_mask(layout, q.shape[0], q.device, valid, q.dtype)
     return F.scaled_dot_product_attention(q_n, k, v, attn_mask=mask, scale=scale)
 
 
 def image_over_image_and_negative(q_img, k_img, v_img, k_neg, v_neg, layout: TokenLayout, scale=None):
-    """Attention of image rows over {I, real N} (NAG's Z-) without copying keys into one sequence or
-    masking: a maskless pass over I with its LSE, merged exactly with the negative block."""
+    """Attention of image rows over {I, R, real N} (NAG's Z-; `k_img`/`v_img` are the {I, R} keys) without
+    copying keys into one sequence or masking: a maskless pass over them with its LSE, merged exactly
+    with the negative block."""
     scale = 1.0 / math.sqrt(q_img.shape[-1]) if scale is None else scale
     valid = _padding_mask(layout, q_img.shape[0], q_img.device)
     o_i, lse_i = attention_lse(q_img, k_img, v_img, scale)
@@ -553,6 +676,9 @@ def _vsf_cross_sdpa(q, k, v, layout: TokenLayout, alpha: float, beta: float, sca
     bias = torch.where(is_negative, -beta, 0.0).to(q.dtype).expand(batch, -1).clone()
     real = layout.negative_valid(batch, device)
     bias[:, layout.negative] = bias[:, layout.negative].masked_fill(~real, float("-inf"))
+    if layout.positive_mask is not None:
+        real_p = layout.positive_valid(batch, device)
+        bias[:, layout.positive] = bias[:, layout.positive].masked_fill(~real_p, float("-inf"))
     bias[:, roles == 0] = float("-inf")  # image-role keys are not text: the reference leaves them out
     return F.scaled_dot_product_attention(q, k, values, attn_mask=bias[:, None, None, :], scale=scale)
 
@@ -567,7 +693,10 @@ def _cross_share_from_logits(q, k, layout: TokenLayout, beta: float, scale) -> t
     neg_s = s[..., roles == NEGATIVE] - beta
     neg_s = neg_s.masked_fill(~layout.negative_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
     lse_n = torch.logsumexp(neg_s, dim=-1)
-    lse_p = torch.logsumexp(s[..., roles == 1], dim=-1)  # -inf without positive keys: the share is 1
+    pos_s = s[..., roles == 1]
+    if layout.positive_mask is not None:
+        pos_s = pos_s.masked_fill(~layout.positive_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
+    lse_p = torch.logsumexp(pos_s, dim=-1)  # -inf without positive keys: the share is 1
     return torch.sigmoid(lse_n - lse_p).mean(dim=1)
 
 
@@ -576,8 +705,10 @@ def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     `layout`: softmax([s_P, s_N - beta]) [V_P; -alpha V_N]. One maskless pass over P with its LSE,
     merged with the negative block; the general single-SDPA form covers unusual layouts.
     `negative_share`: optional recorder of every query's 1 - W (module docstring)."""
+    check_cross_layout(layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if layout.negative_len == 0 or layout.positive_len == 0 or _gaps(layout.length, (layout.positive, layout.negative)):
+    if (layout.negative_len == 0 or layout.positive_len == 0 or layout.positive_mask is not None
+            or _gaps(layout.length, (layout.positive, layout.negative))):
         if negative_share is not None and layout.negative_len:
             negative_share.add(_cross_share_from_logits(q, k, layout, beta, scale))
         return _vsf_cross_sdpa(q, k, v, layout, alpha, beta, scale)

@@ -11,6 +11,7 @@ optionally writes JSON (median ms, ratio to unguided, peak memory).
     python -m lib_vsf.bench --preset sd35-large --json out.json   # on a GPU, bf16
     python -m lib_vsf.bench --preset flux-dev --attention-only
     python -m lib_vsf.bench --negative-map --ab-rounds 5       # + the negative-attention map's cost
+    python -m lib_vsf.bench --backend xformers                 # unguided, CFG, VSF fast on one library
 
 The whole-forward part installs the processors of `lib_vsf.diffusers` on the bare transformer (see
 `guided_inputs`); without diffusers it is skipped and says why.
@@ -494,6 +495,9 @@ def main(argv=None) -> int:
     ap.add_argument("--negative-map", action="store_true",
                     help="also time vsf_fast recording the negative-attention map (row vsf_fast_map; with --ab-rounds, "
                          "round-robin too)")
+    ap.add_argument("--backend", choices=("sdpa", "flash", "xformers", "sage"), default=None,
+                    help="time unguided, CFG and VSF fast with everything on this attention library "
+                         "(bench/per_backend.py); an unavailable one exits with status 2")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
 
@@ -525,6 +529,8 @@ def main(argv=None) -> int:
     except Exception:  # noqa: BLE001
         out["diffusers"] = None
     t0 = time.perf_counter()
+    if args.backend:
+        return _backend_main(args, out, preset, device, dtype, warmup, t0)
     if not args.forward_only:
         rows, extra = attention_section(preset, device, dtype, warmup, args.repeats or 30, args.batch,
                                         not args.no_reference, args.profile, args.negative_map)
@@ -551,6 +557,40 @@ def main(argv=None) -> int:
             if checks.get(f"profile_{name}"):
                 print(f"forward profile, {name}:\n" + checks[f"profile_{name}"])
         print("  forward checks:", json.dumps({k: v for k, v in checks.items() if not k.startswith("profile_")}))
+    out["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+        print("wrote", args.json)
+    return 0
+
+
+def _backend_main(args, out, preset, device, dtype, warmup, t0) -> int:
+    """`--backend NAME`: the per-library rows only (per_backend.py)."""
+    from . import per_backend
+
+    try:
+        res = per_backend.run(args, preset, device, dtype, warmup)
+    except per_backend.UnavailableBackend as err:
+        print(f"VSF bench: {err}. Installed: {json.dumps(per_backend.installed_versions())}", file=sys.stderr)
+        return 2
+    out.update(res)
+    print(f"backend {args.backend}: {res['lse_path']}")
+    print("  installed:", json.dumps(res["installed"]))
+    if res.get("attention"):
+        print(_table(f"one attention call on {args.backend} ({preset.name}, {out['dtype']}, {out['device']})",
+                     res["attention"]))
+        check = dict(res["attention_check"])
+        ops = check.pop("aten_ops", None)
+        print("  checks:", json.dumps(check))
+        if ops:
+            print(f"  aten ops per VSF call: {ops['total']} ({ops['compute']} compute): {json.dumps(ops['ops'])}")
+    if res.get("forward"):
+        print(_table(f"whole transformer forward on {args.backend} ({preset.name})", res["forward"]))
+        print("  checks:", json.dumps(res["forward_check"]))
+    elif "forward_check" in res:
+        print("  forward:", json.dumps(res["forward_check"]))
     out["elapsed_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

@@ -3,13 +3,13 @@
 The UI's components arrive in `UI_ARGS` order. Through `/sdapi/v1/txt2img` and `img2img`,
 `alwayson_scripts["Value Sign Flip"]["args"]` is copied into those slots verbatim, so two forms arrive:
 
-- the positional list, `[enabled, method, preset, alpha, beta, lambda, start, end, single_pass]`
+- the positional list, `[enabled, method, preset, alpha, beta, lambda, start, end, single_pass, show_map]`
   (missing trailing values keep the UI defaults), where the numbers are what the sliders hold and a
   named preset is informational (the UI's preset already filled the sliders); with the preset
   `Model default` (the UI's default) method, alpha, beta and lambda come from the model instead,
   except those that differ from their UI defaults;
 - one object in slot 0, `{"enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end",
-  "single_pass", "tau"}`, every key optional: the preset is applied first and explicit numbers
+  "single_pass", "show_map", "tau"}`, every key optional: the preset is applied first and explicit numbers
   override it, no preset meaning `Model default`; `enabled` defaults to true (sending the object asks
   for VSF).
 
@@ -31,8 +31,8 @@ from ..settings import (CUSTOM_PRESET, DEFAULT_PRESET, METHOD_LABELS, MODEL_DEFA
                         VSFSettingsError, dict_field, from_preset, matching_preset, model_default)
 
 SCRIPT_TITLE = "Value Sign Flip"  # the script's title: its key in the API's `alwayson_scripts`
-UI_ARGS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass")
-API_KEYS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "tau")
+UI_ARGS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map")
+API_KEYS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map", "tau")
 
 DEFAULT_SETTINGS = PRESETS[DEFAULT_PRESET]
 UI_DEFAULTS: dict[str, Any] = {
@@ -45,6 +45,7 @@ UI_DEFAULTS: dict[str, Any] = {
     "start": DEFAULT_SETTINGS.start,
     "end": DEFAULT_SETTINGS.end,
     "single_pass": True,
+    "show_map": False,  # "Show where the negative acts": one extra map image per output (VSF only)
 }
 PRESET_CHOICES = [MODEL_DEFAULT_PRESET, *PRESETS, CUSTOM_PRESET]  # the UI's preset dropdown
 _UI_DEFAULT_FIELDS = {"method": DEFAULT_SETTINGS.method, "alpha": DEFAULT_SETTINGS.alpha,
@@ -55,7 +56,9 @@ _KEEPS_MODEL_DEFAULT = {"start", "end"}
 
 @dataclass(frozen=True)
 class ScriptArgs:
-    """Parsed script arguments: whether VSF runs, with which settings, and whether CFG is replaced."""
+    """Parsed script arguments: whether VSF runs, with which settings, whether CFG is replaced, and
+    whether to show where the negative acts (`show_map`: a map image per output; it never changes the
+    image, so it is no generation parameter and not written into the infotext)."""
 
     enabled: bool
     settings: VSFSettings
@@ -63,13 +66,15 @@ class ScriptArgs:
     preset: str = DEFAULT_PRESET
     # No preset named: the explicitly given fields, to apply over the model's default (`for_family`).
     model_default: tuple[tuple[str, Any], ...] | None = None
+    show_map: bool = False
 
     @classmethod
-    def over_model_default(cls, enabled: bool, explicit: Mapping[str, Any], single_pass: bool) -> "ScriptArgs":
+    def over_model_default(cls, enabled: bool, explicit: Mapping[str, Any], single_pass: bool,
+                           show_map: bool = False) -> "ScriptArgs":
         """Arguments that name no preset: `explicit` fields (settings field names) over the model's default."""
         settings = model_default(None, explicit.get("method", "vsf")).replace(**explicit)  # validates them
         label = MODEL_DEFAULT_PRESET if set(explicit) <= _KEEPS_MODEL_DEFAULT else CUSTOM_PRESET
-        return cls(enabled, settings, single_pass, label, tuple(explicit.items()))
+        return cls(enabled, settings, single_pass, label, tuple(explicit.items()), show_map)
 
     def for_family(self, family: str | None) -> "ScriptArgs":
         """These arguments for a model of `family` (`sd3`, `flux`, `wan`, `unet`): the final settings."""
@@ -83,7 +88,7 @@ class ScriptArgs:
         """The positional list (UI order) that parses back to these (final or `Model default`) arguments."""
         s = self.settings
         return [self.enabled, METHOD_LABELS[s.method], self.preset, s.alpha, s.beta, s.flux_lambda,
-                s.start, s.end, self.single_pass]
+                s.start, s.end, self.single_pass, self.show_map]
 
 
 def method_key(value: Any) -> str:
@@ -128,6 +133,7 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
         raise VSFSettingsError(f"VSF takes at most {len(UI_ARGS)} arguments ({', '.join(UI_ARGS)}), got {len(args)}")
     values = dict(UI_DEFAULTS)
     values.update({k: v for k, v in zip(UI_ARGS, args) if v is not None})
+    show_map = as_bool("show map", values["show_map"])
     method = method_key(values["method"])
     preset = preset_name(values["preset"])
     if preset == MODEL_DEFAULT_PRESET:
@@ -139,7 +145,7 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
                  if (method if name == "method" else values[name]) != _UI_DEFAULT_FIELDS[field]}
         return ScriptArgs.over_model_default(as_bool("enabled", values["enabled"]),
                                              {**moved, "start": values["start"], "end": values["end"]},
-                                             as_bool("single pass", values["single_pass"]))
+                                             as_bool("single pass", values["single_pass"]), show_map)
     # NAG's tau has no slider: it comes from the named preset when that preset is a NAG one.
     tau = PRESETS[preset].tau if preset != CUSTOM_PRESET and PRESETS[preset].method == method else DEFAULT_SETTINGS.tau
     settings = DEFAULT_SETTINGS.replace(method=method, alpha=values["alpha"], beta=values["beta"], tau=tau,
@@ -147,7 +153,7 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
     if preset != CUSTOM_PRESET and matching_preset(settings) != preset:
         preset = CUSTOM_PRESET  # the sliders were moved away from the preset's numbers
     return ScriptArgs(as_bool("enabled", values["enabled"]), settings, as_bool("single pass", values["single_pass"]),
-                      preset)
+                      preset, show_map=show_map)
 
 
 def parse_api_object(data: Mapping[str, Any]) -> ScriptArgs:
@@ -158,16 +164,17 @@ def parse_api_object(data: Mapping[str, Any]) -> ScriptArgs:
     data = {k.strip().lower(): v for k, v in data.items()}
     enabled = as_bool("enabled", data.get("enabled", True))
     single_pass = as_bool("single pass", data.get("single_pass", UI_DEFAULTS["single_pass"]))
+    show_map = as_bool("show map", data.get("show_map", UI_DEFAULTS["show_map"]))
     preset = preset_name(data.get("preset", MODEL_DEFAULT_PRESET))
-    fields = {k: v for k, v in data.items() if k not in ("enabled", "single_pass", "preset")}
+    fields = {k: v for k, v in data.items() if k not in ("enabled", "single_pass", "show_map", "preset")}
     if "method" in fields:
         fields["method"] = method_key(fields["method"])
     if preset == MODEL_DEFAULT_PRESET:
         checked = VSFSettings.from_dict(fields, base=model_default(None, fields.get("method", "vsf")))
         explicit = {dict_field(k): getattr(checked, dict_field(k)) for k in fields}
-        return ScriptArgs.over_model_default(enabled, explicit, single_pass)
+        return ScriptArgs.over_model_default(enabled, explicit, single_pass, show_map)
     settings = DEFAULT_SETTINGS if preset == CUSTOM_PRESET else from_preset(preset)
     settings = VSFSettings.from_dict(fields, base=settings)
     if preset != CUSTOM_PRESET and matching_preset(settings) != preset:
         preset = CUSTOM_PRESET  # explicit numbers overrode the preset's
-    return ScriptArgs(enabled, settings, single_pass, preset)
+    return ScriptArgs(enabled, settings, single_pass, preset, show_map=show_map)

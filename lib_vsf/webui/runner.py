@@ -19,7 +19,15 @@ Lifecycle (all hosts):
   the step window and the alpha schedule (`steps.py`).
 - `end_pass()` (the `p.sample` wrapper's `finally`, `postprocess`, and any new `begin_pass`): run the
   pass's undo list in reverse, each step guarded, so one failing undo cannot leave the others undone.
-- `finish(p)` (`postprocess`): end the pass, unwrap `p.sample`, drop the generation from `p`.
+- `add_map_image(p, pp)` (`postprocess_image`, once per output image, before the host writes that
+  image's infotext): with "Show where the negative acts" on, the map of the pass that made the image
+  (`negative_map.py`) becomes one labelled image in `p.extra_result_images` (what the hosts show after
+  the outputs in the gallery and append to the API's `images`; neither `processed.images` nor the
+  infotexts, so their indexing, the batch count and the grid stay the host's own), and its figure
+  "Negative share: mean X%, max Y%" goes under the image and into that image's `VSF note`. Off: no
+  recorder, so no extra tensor in any attention call, and no image.
+- `finish(p, processed)` (`postprocess`): end the pass, unwrap `p.sample`, drop the generation from
+  `p` (a host without `p.extra_result_images` gets the map images appended to `processed` here).
 """
 from __future__ import annotations
 
@@ -31,7 +39,7 @@ from typing import Any, Sequence
 from ..patching import AttributePatch, PatchError
 from ..settings import VSFSettingsError
 from ..state import GuidanceRun, NegativeText
-from . import hosts, infotext, steps
+from . import attention_backend, hosts, infotext, negative_map, steps
 from .args import ScriptArgs, parse_script_args
 from .hosts.base import HostAdapter, SamplingContext
 from .xyz import OVERRIDES_ATTR, apply_overrides
@@ -66,10 +74,17 @@ class Generation:
         self.ctx: SamplingContext | None = None
         self.adapter: HostAdapter | None = None
         self.passes = 0  # sampling passes guided so far (first pass, hires pass)
+        self.host_backend: str | None = None  # the host's attention library, preferred by VSF's fast path
         self.warnings: list[str] = []
         self._p = weakref.ref(p)
         self._negatives: dict[tuple, NegativeText] = {}
         self._sample_patch: AttributePatch | None = None
+        # "Show where the negative acts": the recorder of the last pass that finished guided (None when
+        # the pass that made the current images was unguided), outputs seen since that pass began, and
+        # map images for a host without `p.extra_result_images`.
+        self.map_recorder = None
+        self._outputs_seen = 0
+        self.map_images: list[Any] = []
 
     # -- messages ------------------------------------------------------------------------------------
     def warn(self, message: str) -> None:
@@ -90,6 +105,7 @@ class Generation:
         """Prepare guidance for the sampling pass about to run; False when it runs unguided."""
         global _current
         self.end_pass()
+        self.map_recorder, self._outputs_seen = None, 0
         sd_model = getattr(p, "sd_model", None)
         adapter = hosts.find_adapter(sd_model)
         if adapter is None:
@@ -111,6 +127,7 @@ class Generation:
             patch = adapter.patch(self.run)
             patch.apply()
             ctx.add_undo(patch.restore)
+            self.host_backend = attention_backend.prefer_host_backend(ctx)
         except PatchError as exc:
             self.end_pass()
             self.warn(f"VSF is off for this image: {exc}")
@@ -127,6 +144,10 @@ class Generation:
         note = adapter.backend_note()
         if note:
             self.warn(note)
+        if self.args.show_map:
+            recorder = self.run.record_negative_map()  # a fresh one per pass: the map of this pass only
+            if recorder.undefined_reason is not None:
+                self.warn(negative_map.NO_MAP.format(reason=recorder.undefined_reason))
         infotext.write(p, self.args)
         return True
 
@@ -134,8 +155,12 @@ class Generation:
         """Undo everything the current pass changed (idempotent)."""
         ctx, self.ctx = self.ctx, None
         _mark_patched(None, only_if=self)
+        recorder, self.run.negative_map = self.run.negative_map, None
         if ctx is None:
             return
+        if recorder is not None:
+            self.map_recorder = recorder
+        note = attention_backend.used_backend_note(self.host_backend)
         while ctx.undo:
             undo = ctx.undo.pop()
             try:
@@ -143,6 +168,8 @@ class Generation:
             except Exception:  # noqa: BLE001 - keep undoing the rest
                 log.error("[VSF] restoring failed:\n%s", traceback.format_exc())
         self.run.set_text(0, None)
+        if note:
+            self.warn(note)
 
     def on_step(self, params: Any) -> None:
         """Step callback: the sampler step of this model call for the window and the alpha schedule
@@ -158,6 +185,45 @@ class Generation:
         if key not in self._negatives:
             self._negatives[key] = adapter.encode_negative(p, prompts, self.args.settings)
         return self._negatives[key]
+
+    # -- "Show where the negative acts" ------------------------------------------------------------------
+    def add_map_image(self, p: Any, pp: Any) -> None:
+        """The map of output `pp.image` (see the module docstring); nothing when the option is off."""
+        if not self.args.show_map:
+            return
+        row = getattr(p, "batch_index", None)
+        row = row if isinstance(row, int) else self._outputs_seen
+        self._outputs_seen += 1
+        recorder = self.map_recorder
+        if recorder is None:  # this image's last pass ran unguided: its notes say why
+            if self.passes:
+                self.warn(negative_map.NO_MAP.format(reason="the pass that made it was not guided"))
+            return
+        image = getattr(pp, "image", None)
+        if image is None or not hasattr(image, "size"):
+            return
+        try:
+            made = negative_map.map_for_output(recorder, image, row)
+        except Exception as exc:  # noqa: BLE001 - a map must never cost the image
+            log.error("[VSF] negative-attention map failed:\n%s", traceback.format_exc())
+            made = f"{type(exc).__name__}: {exc}"
+        if made is None:  # a later frame of a video: its map went with the first frame
+            return
+        if isinstance(made, str):
+            if recorder.undefined_reason is None:  # NAG / NASA: said once when the pass began
+                self.warn(negative_map.NO_MAP.format(reason=made))
+            return
+        extra = getattr(p, "extra_result_images", None)
+        (extra if isinstance(extra, list) else self.map_images).append(made.image)
+        batch = int(getattr(p, "batch_size", 1) or 1)
+        if batch * int(getattr(p, "n_iter", 1) or 1) == 1:
+            line = made.note
+        else:
+            line = f"Image {int(getattr(p, 'iteration', 0) or 0) * batch + row + 1}: {made.note}"
+        log.warning("[VSF] %s", line)
+        if callable(getattr(p, "comment", None)):
+            p.comment(line)  # under the image
+        infotext.write_notes(p, [*self.warnings, made.note])  # this image's infotext, which the host writes next
 
     # -- p.sample wrapper -----------------------------------------------------------------------------
     def wrap_sample(self, p: Any) -> None:
@@ -276,11 +342,25 @@ def begin_pass(p: Any) -> bool:
     return generation.begin_pass(p) if generation is not None else False
 
 
-def finish(p: Any) -> None:
+def add_map_image(p: Any, pp: Any) -> None:
+    """Script `postprocess_image` hook: the output's negative-attention map when asked for."""
+    generation = generation_of(p)
+    if generation is not None:
+        generation.add_map_image(p, pp)
+
+
+def finish(p: Any, processed: Any = None) -> None:
     """Script `postprocess` hook: undo everything and forget the generation."""
     held = getattr(p, GENERATION_ATTR, None)
     if isinstance(held, Generation):
         held.close()
+        if held.map_images and isinstance(getattr(processed, "images", None), list):
+            # A host without `p.extra_result_images`: after the outputs, each with an infotext entry so
+            # that the gallery's index still finds one (the generation's first, as a grid's).
+            processed.images.extend(held.map_images)
+            infotexts = getattr(processed, "infotexts", None)
+            if isinstance(infotexts, list) and infotexts:
+                infotexts.extend([infotexts[0]] * len(held.map_images))
     elif isinstance(held, AttributePatch):  # the refusal installed for bad arguments
         held.restore()
     if held is not None:

@@ -30,6 +30,7 @@ LABELS = {
     "start": "Start (fraction of steps)",
     "end": "End (fraction of steps)",
     "single_pass": "Single pass (replace CFG)",
+    "show_map": "Show where the negative acts",
 }
 # name: (minimum, maximum, step). The range is the one the settings accept (`settings.RANGES`), the same
 # for the API, so every value an image was made with fits the slider when its infotext is pasted.
@@ -97,8 +98,12 @@ def build(gr: Any, input_accordion: Any, is_img2img: bool) -> UIParts:
                                           elem_id=elem_id(name, is_img2img))
             single_pass = gr.Checkbox(label=LABELS["single_pass"], value=d["single_pass"],
                                       elem_id=elem_id("single_pass", is_img2img))
+        with gr.Row():  # one map image per output, never a change to the image (runner.add_map_image)
+            show_map = gr.Checkbox(label=LABELS["show_map"], value=d["show_map"],
+                                   elem_id=elem_id("show_map", is_img2img))
 
-    by_name = {"enabled": enabled, "method": method, "preset": preset, **sliders, "single_pass": single_pass}
+    by_name = {"enabled": enabled, "method": method, "preset": preset, **sliders, "single_pass": single_pass,
+               "show_map": show_map}
     components = [by_name[name] for name in UI_ARGS]
     _wire_events(gr, by_name)
     fields = [(by_name[name], getter) for name, getter in infotext.paste_fields()]

@@ -145,13 +145,14 @@ def test_accordion_closed_then_opens_and_enables(browser):
     assert not enabled_state(browser), "VSF is on at page load"
     assert not is_shown(browser, "alpha"), "the accordion's controls are visible while it is closed"
     open_accordion(browser)
-    for name in ("method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass"):
+    for name in ("method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map"):
         assert is_shown(browser, name), f"{name} not shown in the open accordion"
 
 
 def test_every_control_has_a_tooltip(browser):
     titles = {name: browser.execute_script("return gradioApp().querySelector(arguments[0]).title;", f"#{el_id(name)}")
-              for name in ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass")}
+              for name in ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass",
+                           "show_map")}
     empty = [n for n, t in titles.items() if not t or len(t) < 20]
     assert not empty, f"controls without a tooltip: {empty}"
     assert len(set(titles.values())) == len(titles), "two controls share one tooltip"

@@ -27,6 +27,9 @@ Checks (the issue's a-d):
   d. bad API values give an HTTP error whose message names the problem; the next calls are unaffected.
   e. VSF-SPEC invariants through the server: empty negative prompt or a step window that no step falls
      in give exactly the unguided image; a batch of 2 equals each seed alone (within 2/255).
+  h. "Show where the negative acts": a map image per output after the outputs in `images` only when
+     asked (dict `show_map`, positional checkbox), each output's `VSF note` with its share, the outputs
+     bit for bit those made without the map.
   z. the server log holds no error report or traceback that involves the extension.
 """
 from __future__ import annotations
@@ -44,7 +47,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from webui_server import (  # noqa: E402  (the shared live-server harness, next to this file)
-    SCRIPT_TITLE, WebUIServer, decode_image as _decode, env_float, extension_errors,
+    SCRIPT_TITLE, WebUIServer, decode_image as _decode, env_float, extension_errors, extra_images,
     infotext_value, infotexts, params_line, running, vsf_keys,
 )
 
@@ -301,6 +304,27 @@ def test_e_batch_equals_each_image_alone(forge):
         _assert_vsf_infotext(infotexts(batch)[k], 3.3, 0.2)
         diff = abs(_decode(batch["images"][k]).astype(int) - _decode(alone[k]["images"][0]).astype(int)).max()
         assert diff <= 2, f"batch image {k} differs from the same seed alone by {diff}/255"
+
+
+def test_h_negative_map_only_when_asked(forge):
+    plain = forge.results.get("dict") or forge.txt2img_ok("(h) VSF dict, no map", alwayson_scripts=_vsf_args())
+    assert extra_images(plain) == [] and "Negative share" not in infotexts(plain)[0]
+    asked = forge.txt2img_ok("(h) VSF dict, show_map, batch of 2", batch_size=2,
+                             alwayson_scripts=_vsf_args(show_map=True))
+    texts, maps = infotexts(asked), extra_images(asked)
+    assert len(texts) == 2 and len(maps) == 2, (len(texts), len(maps))
+    for k in range(2):
+        assert "Negative share: mean" in (infotext_value(texts[k], "VSF note") or ""), texts[k]
+        picture = _decode(maps[k])
+        assert picture.shape[1] >= 256 and picture.shape[0] > picture.shape[1], picture.shape  # map + label
+    asked_list = forge.vsf_positional({**custom_vsf_values(3.3, 0.2), "show where": True})
+    one = forge.txt2img_ok("(h) VSF positional, show map", alwayson_scripts={SCRIPT_TITLE: {"args": asked_list}})
+    assert len(infotexts(one)) == 1 and len(extra_images(one)) == 1
+    without = forge.results.get("positional") or forge.txt2img_ok(
+        "(h) VSF positional, no map", alwayson_scripts={SCRIPT_TITLE: {"args": forge.vsf_positional(
+            custom_vsf_values(3.3, 0.2))}})
+    assert extra_images(without) == []
+    assert (_decode(one["images"][0]) == _decode(without["images"][0])).all(), "the map changed the image"
 
 
 def test_c_unguided_after_vsf_is_bit_identical(forge):

@@ -30,6 +30,10 @@ Checks, per family:
      same image at any scale (cond = uncond), while VSF on the conditional rows only makes the scale
      matter; an empty window gives the plain CFG image bit for bit.
   g. interrupt during a guided request ends it; the next request is unchanged.
+  h. "Show where the negative acts": one map image per output after the outputs in `images` only when
+     asked (dict `show_map`, positional checkbox; one per video for Wan), each output's `VSF note` with
+     its share, the outputs bit for bit those made without the map; NAG says the map is undefined and
+     adds no image.
   z. no error report involving the extension in the server log.
 """
 from __future__ import annotations
@@ -49,7 +53,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from webui_server import (  # noqa: E402
-    SCRIPT_TITLE, WebUIServer, decode_image, extension_errors, infotext_value,
+    SCRIPT_TITLE, WebUIServer, decode_image, extension_errors, extra_images, infotext_value,
     infotexts, params_line, running, vsf_keys,
 )
 
@@ -207,6 +211,37 @@ def test_a_hires_fix_pass_is_guided_too(neo):
     a, b = image(plain), image(guided)
     assert a.shape == b.shape == (96, 96, 3), (a.shape, b.shape)
     assert (a != b).any(), "VSF hires image equals the unguided hires image"
+
+
+# --------------------------------------------------------------------------------------------------
+# h. where the negative acts
+
+def test_h_negative_map_only_when_asked(neo):
+    plain = neo.results.get("dict") or neo.txt2img_ok(f"[{neo.family}] (h) VSF dict, no map",
+                                                      alwayson_scripts=vsf_args())
+    assert extra_images(plain) == [] and "Negative share" not in infotexts(plain)[0]
+    batch = 1 if neo.family == "wan" else 2  # a Wan request is one video: its map goes with the first frame
+    asked = neo.txt2img_ok(f"[{neo.family}] (h) VSF dict, show_map, batch of {batch}", batch_size=batch,
+                           alwayson_scripts=vsf_args(show_map=True))
+    maps = extra_images(asked)
+    assert len(maps) == batch, (len(infotexts(asked)), len(maps))
+    assert "Negative share: mean" in (infotext_value(infotexts(asked)[-1], "VSF note") or ""), infotexts(asked)[-1]
+    for m in maps:
+        picture = decode_image(m)
+        assert picture.shape[1] >= 256 and picture.shape[0] > picture.shape[1], picture.shape  # map + label
+    as_list = neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2, "show where": True})
+    one = neo.txt2img_ok(f"[{neo.family}] (h) VSF positional, show map",
+                         alwayson_scripts={SCRIPT_TITLE: {"args": as_list}})
+    assert len(extra_images(one)) == 1
+    without = neo.results.get("positional") or neo.txt2img_ok(
+        f"[{neo.family}] (h) VSF positional, no map",
+        alwayson_scripts={SCRIPT_TITLE: {"args": neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2})}})
+    assert extra_images(without) == []
+    assert (image(one) == image(without)).all(), "the map changed the image"
+    nag = neo.txt2img_ok(f"[{neo.family}] (h) NAG, show_map", alwayson_scripts={SCRIPT_TITLE: {"args": [
+        {"enabled": True, "method": "nag", "preset": "NAG", "show_map": True}]}})
+    assert extra_images(nag) == []
+    assert "no negative-attention map" in (infotext_value(infotexts(nag)[0], "VSF note") or ""), infotexts(nag)[0]
 
 
 # --------------------------------------------------------------------------------------------------

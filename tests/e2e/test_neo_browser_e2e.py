@@ -170,7 +170,7 @@ def test_accordion_in_both_tabs(browser):
     for tab in ("txt2img", "img2img"):
         label = js(browser, "return app.querySelector(arguments[0]).textContent;", f"#vsf_{tab}_enabled .label-wrap")
         assert "Value Sign Flip" in label, label
-        for control in ("method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass"):
+        for control in ("method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map"):
             element(browser, f"#vsf_{tab}_{control}")
 
 

@@ -88,3 +88,12 @@ def test_harness_links_the_extension_dir_it_is_given(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="links somewhere else"):
         webui_server.link_extension(str(host))  # never replaces a link to another checkout
     os.unlink(link)
+
+
+def test_extra_images_are_the_images_after_those_with_an_infotext():
+    import json
+
+    with_grid = {"images": ["grid", "a", "b", "map a", "map b"], "info": json.dumps({"infotexts": ["g", "a", "b"]})}
+    assert webui_server.extra_images(with_grid) == ["map a", "map b"]
+    plain = {"images": ["a"], "info": json.dumps({"infotexts": ["a"]})}
+    assert webui_server.extra_images(plain) == []

@@ -100,6 +100,12 @@ def infotexts(data: dict) -> list[str]:
     return json.loads(data["info"])["infotexts"]
 
 
+def extra_images(data: dict) -> list[str]:
+    """The API's `images` after those with an infotext (grid and outputs): `processed.extra_images`, where
+    the extension's "Show where the negative acts" maps go (one per output, only when asked for)."""
+    return data["images"][len(infotexts(data)):]
+
+
 def params_line(text: str) -> str:
     return text.strip().split("\n")[-1]
 

@@ -72,7 +72,9 @@ def attach_forge(p: Any, ctx: SamplingContext) -> None:
 
 
 def forge_backend_note() -> str | None:
-    """Forge's attention setting: only the PyTorch path can carry VSF's mask."""
+    """Forge's attention setting: split / sub-quadratic / basic attention cannot carry VSF's mask or
+    return a log-sum-exp, so guided calls use PyTorch SDPA. flash-attn, xformers and SageAttention are
+    used by the fast path itself (`lib_vsf/webui/attention_backend.py`)."""
     try:
         from backend import attention  # type: ignore[import-not-found]
     except Exception:  # noqa: BLE001
@@ -80,5 +82,7 @@ def forge_backend_note() -> str | None:
     if getattr(attention, "attention_function", None) is getattr(attention, "attention_pytorch", object()):
         return None
     name = getattr(getattr(attention, "attention_function", None), "__name__", "unknown")
+    if name in ("attention_sage", "attention_flash", "attention_xformers"):
+        return None  # VSF's fast path runs on that library (or says after the pass why it could not)
     return (f"VSF computes its guided attention calls with PyTorch SDPA: your attention backend ({name}) "
             "cannot take the mask VSF needs; it still runs every unguided call.")

@@ -116,13 +116,21 @@ def guided_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, l
     if not skip_reshape:
         dim_head = q.shape[-1] // heads
         q, k, v = (_to_heads(t, heads, dim_head) for t in (q, k, v))
-    fn = joint_attention if joint else cross_attention
-    out = fn(q, k, v, layout, run.guidance())
+    out = attend(joint_attention if joint else cross_attention, q, k, v, layout, run)
     run.calls += 1
     if skip_output_reshape:
         return out
     b, h, length, d = out.shape
     return out.transpose(1, 2).reshape(b, length, h * d)
+
+
+def attend(attention: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout,
+           run: GuidanceRun) -> torch.Tensor:
+    """`attention(q, k, v, layout, run.guidance())`, handing over the run's negative-map recorder only
+    while "Show where the negative acts" records: without it the call is exactly the one without the map."""
+    if run.negative_map is None:
+        return attention(q, k, v, layout, run.guidance())
+    return attention(q, k, v, layout, run.guidance(), negative_share=run.negative_map)
 
 
 def _to_heads(t: torch.Tensor, heads: int, dim_head: int) -> torch.Tensor:

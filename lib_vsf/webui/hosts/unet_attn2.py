@@ -41,7 +41,7 @@ from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge_sampling, _negative_text
-from ._guided import (CallScope, ScopeState, batch_fits, check_attention_function, class_is, diffusion_model,
+from ._guided import (CallScope, ScopeState, attend, batch_fits, check_attention_function, class_is, diffusion_model,
                       is_forge_neo, make_scoped_cross_attention)
 from .base import HostAdapter, SamplingContext, append_negative, real_length
 
@@ -186,7 +186,7 @@ def make_a1111_forward(original, run: GuidanceRun):
         q, k, v = (t.reshape(t.shape[0], -1, heads, dim_head).transpose(1, 2) for t in (q, k, v))
         dtype = q.dtype
         k, v = k.to(dtype), v.to(dtype)
-        out = cross_attention(q, k, v, run.cross_layout(total=k.shape[2]), run.guidance())
+        out = attend(cross_attention, q, k, v, run.cross_layout(total=k.shape[2]), run)
         run.calls += 1
         out = out.transpose(1, 2).reshape(x.shape[0], -1, heads * dim_head).to(x.dtype)
         return self.to_out(out)
