@@ -152,7 +152,7 @@ def test_cfg_scale_is_dropped_to_one_pass(pipes, name):
         lambda m, a, k: seen.append((k["hidden_states"].shape[0], k["guidance"])), with_kwargs=True)
     try:
         with pytest.warns(UserWarning, match="VSF replaces CFG"):
-            guided(pipe, name, true_cfg_scale=4.0)
+            guided(pipe, name, true_cfg_scale=4.0, negative_prompt="ugly")
     finally:
         hook.remove()
     assert seen == [(1, None)] * CALL_ARGS_QWEN[name]["num_inference_steps"]
