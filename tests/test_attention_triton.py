@@ -231,3 +231,25 @@ def test_automatic_selection_on_cuda(monkeypatch):
     status = attention_fast.triton_status(DEVICE, torch.bfloat16, 64)
     assert status == {"merge": True, "n0": True}
     attention_fast.reset_backend_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_vsf_joint_with_reference_tokens_through_triton(dtype, masked, triton_on, monkeypatch, merge_launches):
+    """Reference-image tokens R ([P, N, I, R], Flux Kontext order) and a positive mask through the fused
+    kernels: the merge serves the true image rows only, the N0 kernel (16-bit) sees R; equals the dense
+    reference."""
+    from lib_vsf.layout import TokenLayout
+    n0 = LaunchCounter(at._negative_rows_partial_kernel)
+    monkeypatch.setattr(at, "_negative_rows_partial_kernel", n0)
+    pm = torch.tensor([[True] * 7, [True] * 4 + [False] * 3]) if masked else None
+    nm = torch.tensor([[True] * 4, [True, True, False, False]]) if masked else None
+    layout = TokenLayout(63, slice(0, 7), slice(7, 11), nm, reference=slice(51, 63), positive_mask=pm)
+    q, k, v = (heads_view(2, 3, layout.length, 16, dtype, s) for s in (1, 2, 3))
+    got = attention_fast.vsf_joint(q, k, v, layout, 3.3, 0.2)
+    assert merge_launches() == 1
+    assert n0.launches == (1 if dtype == torch.float16 else 0)
+    want = vsf_joint_reference(q, k, v, layout, 3.3, 0.2)
+    rows = list(range(63)) if not masked else [i for i in range(63) if i not in (9, 10)]  # padded N0 rows
+    torch.testing.assert_close(got[0].float(), want[0].float(), **TOL[dtype])
+    torch.testing.assert_close(got[1][:, rows].float(), want[1][:, rows].float(), **TOL[dtype])

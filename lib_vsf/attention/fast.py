@@ -3,14 +3,19 @@
 Exact VSF at about the cost of the unguided pass, without an Lq x Lk mask (memory stays linear in the
 sequence length). The idea (VSF-SPEC.md, "Equivalence"): for an image query,
 
-    A+ = sum over {I, P} of exp(s),   A- = sum over N of exp(s - beta),   W = A+ / (A+ + A-)
+    A+ = sum over {I, P, R} of exp(s),   A- = sum over N of exp(s - beta),   W = A+ / (A+ + A-)
     Z  = W Z+ - alpha (1 - W) Z-
 
-and A+ / A- are exactly what an attention kernel's log-sum-exp (LSE) output holds. So one *unmasked*
-attention over the {I, P} rows and keys (the unguided pass itself, on the fastest kernel) gives Z+ and
-log A+ for every image row and the final output of every P row; a second unmasked call of the image rows
-over the few negative keys gives Z- and log A-; two elementwise kernels merge them. N0 rows (the
-negative text stream, few queries) attend {I, N0}: one call over I, merged the same way with N0.
+(R: reference-image tokens, `TokenLayout.reference`, when the model has them) and A+ / A- are exactly
+what an attention kernel's log-sum-exp (LSE) output holds. So one *unmasked* attention over the
+{I, P, R} rows and keys (the unguided pass itself, on the fastest kernel) gives Z+ and log A+ for every
+image row and the final output of every P and R row (R is never flipped); a second unmasked call of the
+true image rows over the few negative keys gives Z- and log A-; two elementwise kernels merge them. N0
+rows (the negative text stream, few queries) attend {I, R, N0}: every key but P, one masked call.
+
+The model's own positive-text mask (`TokenLayout.positive_mask`: padded positive positions are keys for
+nobody) keeps the big pass maskless: the samples are grouped by their mask (usually one group) and each
+group's pass runs over its real keys only, gathered (`_context_pass`). N0 rows never see P anyway.
 
 Which kernel returns the LSE depends on device, dtype and torch version (2.1 .. 2.13): `attention_lse`
 tries the candidates in order on first use for a (device, dtype, head_dim), checks each against plain
@@ -29,9 +34,9 @@ remains the path on CPU, without Triton, or when a kernel fails.
 
 The negative-attention map (`negative_share`, a `lib_vsf.state.NegativeShareMap` or None): the image
 rows' weight of the N1 block, 1 - W = sigmoid(log A- - log A+), is already an intermediate of the
-merge; when a recorder is given its head mean `[B, image tokens]` is handed over (one reduction per
-call). None (the default) adds nothing. The fused Triton merge then also stores the weight into a
-`[B, H, rows]` float32 buffer (its output is computed exactly as without it).
+merge; when a recorder is given its head mean `[B, image tokens]` (true image rows, never R) is handed
+over (one reduction per call). None (the default) adds nothing. The fused Triton merge then also
+stores the weight into a `[B, H, rows]` float32 buffer (its output is computed exactly as without it).
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .reference import vsf_joint_reference
+from .reference import check_cross_layout, vsf_joint_reference
 from ..layout import NEGATIVE, TokenLayout
 
 # ---------------------------------------------------------------------------------------------------------
@@ -439,8 +444,9 @@ _N0_MASKS: dict[tuple, tuple] = {}
 
 
 def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch.Tensor:
-    """[B, 1, n, L] bool: N0 queries see image keys and the real N0 keys. n x L, not L x L: the negative
-    rows are few. Cached per layout geometry and padding mask (one generation reuses it every layer)."""
+    """[B, 1, n, L] bool: N0 queries see image keys, R keys and the real N0 keys (all but P). n x L,
+    not L x L: the negative rows are few. Cached per layout geometry and padding mask (one generation
+    reuses it every layer)."""
     key = (layout.length, layout.positive.start, layout.positive.stop, layout.negative.start,
            layout.negative.stop, batch, str(device), None if valid is None else id(layout.negative_mask))
     hit = _N0_MASKS.get(key)
@@ -464,32 +470,40 @@ def _negative_rows_mask(layout: TokenLayout, batch: int, device, valid) -> torch
 def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """Exact joint-attention VSF (VSF-SPEC.md table) for `[B, H, L, D]` tensors in any token order.
 
-    I rows: softmax over {I, P} and N1 (logits - beta, values -alpha v_N); P rows: plain over {I, P};
-    N0 rows: over {I, real N0}. Equals `vsf_joint_reference` within dtype tolerance with memory linear
-    in L. Contiguous token groups are used as views; other orders fall back to index_select.
+    I rows: softmax over {I, P, R} and N1 (logits - beta, values -alpha v_N); P and R rows: plain over
+    {I, P, R}; N0 rows: over {I, R, real N0}; padded positive positions are keys for nobody. Equals
+    `vsf_joint_reference` within dtype tolerance with memory linear in L. Contiguous token groups are
+    used as views; other orders fall back to index_select.
     `negative_share`: optional recorder of the image rows' 1 - W (module docstring)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    length, neg, pos = layout.length, layout.negative, layout.positive
+    length, neg, pos, ref = layout.length, layout.negative, layout.positive, layout.reference
     if q.shape[2] != length:
         raise ValueError(f"sequence has {q.shape[2]} tokens, layout describes {length}")
-    image_pieces = _gaps(length, (pos, neg))
+    image_pieces = _gaps(length, (pos, neg) if ref is None else (pos, neg, ref))  # true image rows
     if not image_pieces:  # no image tokens: a text-only call, tiny; the dense reference is fine (no map)
         return vsf_joint_reference(q, k, v, layout, alpha, beta, scale)
-    if layout.negative_len == 0:
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     batch, device = q.shape[0], q.device
+    if layout.negative_len == 0:
+        if layout.positive_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        keys = torch.ones(batch, length, dtype=torch.bool, device=device)
+        keys[:, pos] = layout.positive_valid(batch, device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keys[:, None, None, :], scale=scale)
     valid = _padding_mask(layout, batch, device)
 
-    ip = _positions(_gaps(length, (neg,)), device)  # {I, P} in sequence order
+    ip = _positions(_gaps(length, (neg,)), device)  # {I, P, R} in sequence order
     image = _positions(image_pieces, device)
     image_in_ip = _positions(_shift_past(image_pieces, neg), device)
     pos_in_ip = slice(*_shift_past([(pos.start, pos.stop)], neg)[0])
 
-    # One unmasked pass over {I, P}: the unguided attention, with log-sum-exp.
-    o_ip, lse_ip = attention_lse(_take(q, ip), _take(k, ip), _take(v, ip), scale)
+    # One pass over {I, P, R} (the unguided attention, with log-sum-exp): unmasked, or over the real
+    # keys of each group of samples that share a positive mask.
+    o_ip, lse_ip = _context_pass(q, k, v, layout, ip, scale)
 
     out = torch.empty_like(q)
     out[:, :, pos] = o_ip[:, :, pos_in_ip]
+    if ref is not None:  # R rows: final from the same pass, never flipped
+        out[:, :, ref] = o_ip[:, :, slice(*_shift_past([(ref.start, ref.stop)], neg)[0])]
     q_n, k_n, v_n = q[:, :, neg], k[:, :, neg], v[:, :, neg]
     o_i, lse_i = _take(o_ip, image_in_ip), lse_ip[:, :, image_in_ip]
     q_i = _take(q, image)
@@ -503,6 +517,62 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     # N0 rows (few queries): one SDPA call over the whole sequence with an n x L key mask (no copies).
     _negative_rows_into(q_n, k, v, layout, valid, scale, out[:, :, neg])
     return out
+
+
+_GROUP_CACHE: dict[tuple, tuple[weakref.ref, list | None]] = {}
+
+
+def _positive_groups(layout: TokenLayout, batch: int, device) -> list | None:
+    """None when every positive position is real (or there is no mask); else one (samples, keys) per
+    distinct positive mask in the batch: `samples` the batch rows (None: all of them), `keys` the
+    positions of {I, real P, R} (a slice when contiguous). Cached per mask tensor and geometry, so a
+    GPU mask costs one sync per generation, not per attention call."""
+    mask = layout.positive_mask
+    if mask is None:
+        return None
+    key = (id(mask), batch, str(device), layout.length, layout.positive.start, layout.positive.stop,
+           layout.negative.start, layout.negative.stop)
+    hit = _GROUP_CACHE.get(key)
+    if hit is not None and hit[0]() is mask:
+        return hit[1]
+    rows = layout.positive_valid(batch, "cpu")
+    groups = None
+    if not bool(rows.all()):
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        groups = []
+        for g, row in enumerate(distinct):
+            padded = [slice(layout.positive.start + j, layout.positive.start + j + 1)
+                      for j in range(row.numel()) if not row[j]]
+            keys = _positions(_gaps(layout.length, [layout.negative] + padded), device)
+            members = torch.nonzero(inverse == g, as_tuple=False).flatten()
+            groups.append((None if members.numel() == batch else members.to(device), keys))
+    if len(_GROUP_CACHE) > 64:
+        _GROUP_CACHE.clear()
+    _GROUP_CACHE[key] = (weakref.ref(mask), groups)
+    return groups
+
+
+def _context_pass(q, k, v, layout: TokenLayout, ip, scale):
+    """Rows {I, P, R} over keys {I, real P, R}: (output, LSE). Without padded positive positions this is
+    the one unmasked pass over `ip`; with them, one unmasked pass per group of samples sharing a mask,
+    over that group's real keys only (exact, still no Lq x Lk mask)."""
+    groups = _positive_groups(layout, q.shape[0], q.device)
+    q_ip = _take(q, ip)
+    if groups is None:
+        return attention_lse(q_ip, _take(k, ip), _take(v, ip), scale)
+    if len(groups) == 1:
+        keys = groups[0][1]
+        return attention_lse(q_ip, _take(k, keys), _take(v, keys), scale)
+    out, lse = None, None
+    for samples, keys in groups:
+        o_g, lse_g = attention_lse(q_ip.index_select(0, samples), _take(k.index_select(0, samples), keys),
+                                   _take(v.index_select(0, samples), keys), scale)
+        if out is None:
+            out = o_g.new_empty(q_ip.shape)
+            lse = lse_g.new_empty(q_ip.shape[:3])
+        out.index_copy_(0, samples, o_g)
+        lse.index_copy_(0, samples, lse_g)
+    return out, lse
 
 
 def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
@@ -519,8 +589,9 @@ def _negative_rows_into(q_n, k, v, layout: TokenLayout, valid, scale, dest):
 
 
 def negative_rows(q, k, v, layout: TokenLayout, scale=None):
-    """Outputs of the N0 rows (the negative text stream): attention over image keys and the real N0
-    keys, one SDPA call with an n x L mask. Shared by VSF, NAG and NASA."""
+    """Outputs of the N0 rows (the negative text stream): attention over image keys, reference-image
+    keys and the real N0 keys (every key but P), one SDPA call with an n x L mask. Shared by VSF, NAG
+    and NASA."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     valid = _padding_mask(layout, q.shape[0], q.device)
     q_n = q[:, :, layout.negative]
@@ -535,8 +606,9 @@ def negative_rows(q, k, v, layout: TokenLayout, scale=None):
 
 
 def image_over_image_and_negative(q_img, k_img, v_img, k_neg, v_neg, layout: TokenLayout, scale=None):
-    """Attention of image rows over {I, real N} (NAG's Z-) without copying keys into one sequence or
-    masking: a maskless pass over I with its LSE, merged exactly with the negative block."""
+    """Attention of image rows over {I, R, real N} (NAG's Z-; `k_img`/`v_img` are the {I, R} keys) without
+    copying keys into one sequence or masking: a maskless pass over them with its LSE, merged exactly
+    with the negative block."""
     scale = 1.0 / math.sqrt(q_img.shape[-1]) if scale is None else scale
     valid = _padding_mask(layout, q_img.shape[0], q_img.device)
     o_i, lse_i = attention_lse(q_img, k_img, v_img, scale)
@@ -553,6 +625,9 @@ def _vsf_cross_sdpa(q, k, v, layout: TokenLayout, alpha: float, beta: float, sca
     bias = torch.where(is_negative, -beta, 0.0).to(q.dtype).expand(batch, -1).clone()
     real = layout.negative_valid(batch, device)
     bias[:, layout.negative] = bias[:, layout.negative].masked_fill(~real, float("-inf"))
+    if layout.positive_mask is not None:
+        real_p = layout.positive_valid(batch, device)
+        bias[:, layout.positive] = bias[:, layout.positive].masked_fill(~real_p, float("-inf"))
     bias[:, roles == 0] = float("-inf")  # image-role keys are not text: the reference leaves them out
     return F.scaled_dot_product_attention(q, k, values, attn_mask=bias[:, None, None, :], scale=scale)
 
@@ -567,7 +642,10 @@ def _cross_share_from_logits(q, k, layout: TokenLayout, beta: float, scale) -> t
     neg_s = s[..., roles == NEGATIVE] - beta
     neg_s = neg_s.masked_fill(~layout.negative_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
     lse_n = torch.logsumexp(neg_s, dim=-1)
-    lse_p = torch.logsumexp(s[..., roles == 1], dim=-1)  # -inf without positive keys: the share is 1
+    pos_s = s[..., roles == 1]
+    if layout.positive_mask is not None:
+        pos_s = pos_s.masked_fill(~layout.positive_valid(q.shape[0], q.device)[:, None, None, :], float("-inf"))
+    lse_p = torch.logsumexp(pos_s, dim=-1)  # -inf without positive keys: the share is 1
     return torch.sigmoid(lse_n - lse_p).mean(dim=1)
 
 
@@ -576,8 +654,10 @@ def vsf_cross(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     `layout`: softmax([s_P, s_N - beta]) [V_P; -alpha V_N]. One maskless pass over P with its LSE,
     merged with the negative block; the general single-SDPA form covers unusual layouts.
     `negative_share`: optional recorder of every query's 1 - W (module docstring)."""
+    check_cross_layout(layout)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    if layout.negative_len == 0 or layout.positive_len == 0 or _gaps(layout.length, (layout.positive, layout.negative)):
+    if (layout.negative_len == 0 or layout.positive_len == 0 or layout.positive_mask is not None
+            or _gaps(layout.length, (layout.positive, layout.negative))):
         if negative_share is not None and layout.negative_len:
             negative_share.add(_cross_share_from_logits(q, k, layout, beta, scale))
         return _vsf_cross_sdpa(q, k, v, layout, alpha, beta, scale)

@@ -5,19 +5,30 @@ These functions are the readable statement of what guidance computes; the produc
 All tensors are `[batch, heads, tokens, head_dim]`. Math runs in float32 (float64 stays float64).
 
 Joint attention (VSF, paper section 3.2): a second key/value group N1 is appended, keys = the keys of
-the negative tokens N0, values = -alpha x their values. Who sees whom:
+the negative tokens N0, values = -alpha x their values. Who sees whom (R: reference-image tokens, when
+the layout has them; VSF-SPEC, "Families beyond the paper"):
 
-    query \\ key |  I  |  P  |  N0 |  N1
-    I           | yes | yes |  no | yes, logit - beta
-    P           | yes | yes |  no | no
-    N0          | yes |  no | yes | no
+    query \\ key |  I  |  P  |  R  |  N0 |  N1
+    I           | yes | yes | yes |  no | yes, logit - beta
+    P           | yes | yes | yes |  no | no
+    R           | yes | yes | yes |  no | no
+    N0          | yes |  no | yes | yes | no
+
+R is never flipped: an R row is computed exactly like a P row. Padded positive positions
+(`TokenLayout.positive_mask`) and padded negatives (`negative_mask`) are keys for nobody.
 
 Cross-attention (VSF, paper eq. 9): image queries over `[P, N]` with the N logits shifted by -beta and
-the N values multiplied by -alpha.
+the N values multiplied by -alpha. A cross layout has no R (a reference raises ValueError).
+
+NAG and NASA in joint attention: image rows are guided, every other row is the plain row of the table
+above without N1. Z+ = image queries over {I, P, R}; Z- = image queries over {N} (NASA) or {I, R, N}
+(NAG: the context the image sees with the negative in place of the positive; R is conditioning the
+image sees in either pass, like the N0 rows do).
 
 Both VSF functions take an optional `negative_share` recorder (see `lib_vsf.state.NegativeShareMap`):
 when given, it receives, per image query, the softmax mass on the negative keys, `1 - W` (paper eq. 8),
-averaged over heads, `[B, image tokens]` in sequence order. It is read off the same softmax.
+averaged over heads, `[B, image tokens]` in sequence order (true image rows only, never R rows). It is
+read off the same softmax.
 """
 from __future__ import annotations
 
@@ -25,7 +36,7 @@ import math
 
 import torch
 
-from ..layout import IMAGE, NEGATIVE, POSITIVE, TokenLayout
+from ..layout import IMAGE, NEGATIVE, POSITIVE, REFERENCE, TokenLayout
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -49,19 +60,28 @@ def masked_attention(q, k, v, allow, bias=None, scale=None, weights_on=None):
     return out, probs[..., weights_on].sum(dim=-1)
 
 
-def _key_allow(layout: TokenLayout, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sample key masks over the sequence: ([B, L] image-or-positive, [B, L] image-or-real-negative)."""
-    roles = layout.roles(device)
+def _real_keys(layout: TokenLayout, batch: int, device) -> torch.Tensor:
+    """[B, L] bool: positions that are real tokens of each sample (padded P and N positions are not)."""
     real = torch.ones(batch, layout.length, dtype=torch.bool, device=device)
     real[:, layout.negative] = layout.negative_valid(batch, device)
-    image_or_positive = (roles != NEGATIVE).expand(batch, -1)
-    image_or_negative = ((roles == IMAGE) | (roles == NEGATIVE)) & real
-    return image_or_positive, image_or_negative
+    if layout.positive_mask is not None:
+        real[:, layout.positive] = layout.positive_valid(batch, device)
+    return real
+
+
+def _key_allow(layout: TokenLayout, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample key masks over the sequence: ([B, L] keys of I, P and R rows = {I, real P, R},
+    [B, L] keys of N0 rows = {I, R, real N0})."""
+    roles = layout.roles(device)
+    real = _real_keys(layout, batch, device)
+    context = (roles != NEGATIVE) & real
+    negative_context = (roles != POSITIVE) & real
+    return context, negative_context
 
 
 def plain_rows(q, k, v, layout: TokenLayout, scale=None):
     """Output for every query row as the unguided model would see it *with* the negative in the text
-    stream: I and P rows attend to {I, P}; N0 rows attend to {I, N0} (their own stream)."""
+    stream: I, P and R rows attend to {I, P, R}; N0 rows attend to {I, R, N0} (their own stream)."""
     batch = q.shape[0]
     roles = layout.roles(q.device)
     ip, i_n = _key_allow(layout, batch, q.device)
@@ -98,16 +118,22 @@ def vsf_joint_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float,
     return out.to(q.dtype)
 
 
+def check_cross_layout(layout: TokenLayout) -> None:
+    """Cross-attention keys are text: a layout with reference-image tokens is a caller's mistake."""
+    if layout.reference is not None:
+        raise ValueError("cross-attention layouts have no reference-image tokens (R); "
+                         f"got reference={layout.reference}")
+
+
 def vsf_cross_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=None, negative_share=None):
     """VSF in cross-attention (paper eq. 9): softmax([s_P, s_N - beta]) [V_P; -alpha V_N].
     `layout` describes the keys; queries are all image tokens."""
+    check_cross_layout(layout)
     batch = q.shape[0]
     device = q.device
     dtype = _compute_dtype(q)
     roles = layout.roles(device)
-    real = torch.ones(batch, layout.length, dtype=torch.bool, device=device)
-    real[:, layout.negative] = layout.negative_valid(batch, device)
-    allow = (real & (roles != IMAGE))[:, None, None, :]
+    allow = (_real_keys(layout, batch, device) & (roles != IMAGE))[:, None, None, :]
     is_negative = roles == NEGATIVE
     bias = torch.where(is_negative, -beta, 0.0).to(dtype)
     value_scale = torch.where(is_negative, -alpha, 1.0).to(dtype)[:, None]
@@ -119,16 +145,18 @@ def vsf_cross_reference(q, k, v, layout: TokenLayout, alpha: float, beta: float,
 
 
 def _guided_parts(q, k, v, layout: TokenLayout, cross: bool, negative_sees_image: bool, scale=None):
-    """(Z+, Z-) for image queries: Z+ over {I, P}; Z- over {N} (NASA) or {I, N} (NAG, joint only)."""
+    """(Z+, Z-) for image queries. Joint: Z+ over {I, P, R}, Z- over {N} (NASA) or {I, R, N} (NAG).
+    Cross: Z+ over {P}, Z- over {N}. Padded P and N positions are left out."""
+    if cross:
+        check_cross_layout(layout)
     batch = q.shape[0]
     roles = layout.roles(q.device)
-    real = torch.ones(batch, layout.length, dtype=torch.bool, device=q.device)
-    real[:, layout.negative] = layout.negative_valid(batch, q.device)
-    positive_keys = roles != NEGATIVE if not cross else roles == POSITIVE
+    real = _real_keys(layout, batch, q.device)
+    positive_keys = (roles != NEGATIVE if not cross else roles == POSITIVE) & real
     negative_keys = (roles == NEGATIVE) & real
     if negative_sees_image and not cross:
-        negative_keys = negative_keys | (roles == IMAGE)
-    z_plus = masked_attention(q, k, v, positive_keys.expand(batch, -1)[:, None, None, :], scale=scale)
+        negative_keys = negative_keys | (roles == IMAGE) | (roles == REFERENCE)
+    z_plus = masked_attention(q, k, v, positive_keys[:, None, None, :], scale=scale)
     # A sample without negative tokens would give an all-masked row; give it Z+ (guidance off).
     has_negative = layout.has_negative(batch, q.device)
     safe_negative = torch.where(has_negative[:, None], negative_keys, positive_keys)
@@ -163,7 +191,7 @@ def nag_combine(z_plus, z_minus, phi: float, blend: float, tau: float):
 
 
 def nag_reference(q, k, v, layout: TokenLayout, phi: float, blend: float, tau: float, cross: bool, scale=None):
-    """NAG on image rows; Z- = image queries over [I, N] (joint) or [N] (cross)."""
+    """NAG on image rows; Z- = image queries over [I, R, N] (joint) or [N] (cross)."""
     z_plus, z_minus, has_negative = _guided_parts(q, k, v, layout, cross, True, scale)
     guided = nag_combine(z_plus, z_minus, phi, blend, tau)
     guided = torch.where(has_negative[:, None, None, None], guided, z_plus)

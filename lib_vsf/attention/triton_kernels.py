@@ -18,8 +18,9 @@ Two kernels:
   o_i once and writes once: memory-bound, replacing a second attention call, a sigmoid and a strided
   lerp. 1 - W is computed directly (never as 1 - W) and everything is float32 until the single store.
 
-* `negative_rows`: the N0 rows (the negative text stream, few queries) over the image keys and the
-  real N0 keys, i.e. every key but the positive span and padded negatives. Few queries and many keys:
+* `negative_rows`: the N0 rows (the negative text stream, few queries) over the image keys, the
+  reference-image keys R (when the model has them) and the real N0 keys, i.e. every key but the
+  positive span and padded negatives. Few queries and many keys:
   split over the keys (flash-decoding), partial (max, sum, acc) per split in float32, then a tiny
   combine. 16-bit dtypes only (the key loop uses tensor-core dots; float32 would need IEEE dots that
   differ between Triton versions), others use SDPA.
@@ -323,8 +324,9 @@ def image_rows_vsf(o_i, lse_i, q_i, k_n, v_n, alpha, beta, valid, scale, dest=No
 
 def negative_rows(q_n, k, v, positive: slice, negative: slice, valid, scale, dest=None):
     """N0 rows: attention of `q_n` [B, H, n, D] over every key of `k`/`v` [B, H, L, D] except the
-    `positive` span and the padded keys of the `negative` span (`valid` [B, n] or None). Writes into
-    `dest` when given (any strides)."""
+    `positive` span and the padded keys of the `negative` span (`valid` [B, n] or None): image and
+    reference-image (R) keys are all seen, as in the negative pass. Writes into `dest` when given (any
+    strides)."""
     batch, heads, lq, dim = q_n.shape
     lk = k.shape[2]
     out = torch.empty_like(q_n) if dest is None else dest
