@@ -259,9 +259,10 @@ def main(argv=None) -> int:
     if args.command == "presets":
         for name in preset_names()[:-1]:
             print(f"{name:12s} {from_preset(name).to_infotext_string()}")
+        width = max(len(f) for f in FAMILY_DEFAULTS) + 1
         for family in FAMILY_DEFAULTS:
             untuned = "" if family in PAPER_TUNED_FAMILIES else "  (untuned starting point)"
-            print(f"default {family:7s}{family_default(family).to_infotext_string()}{untuned}")
+            print(f"default {family:{width}s}{family_default(family).to_infotext_string()}{untuned}")
         return 0
     try:
         path = generate(args)
