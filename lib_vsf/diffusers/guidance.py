@@ -32,6 +32,7 @@ from ..state import GuidanceRun, NegativeText
 from .family import FamilyAdapter, GuidanceConflictError, GuidanceInputError, GuidedProcessor, UnsupportedPipelineError
 from .flux import FluxFamily
 from .flux2 import Flux2DevFamily, Flux2KleinFamily
+from .qwenimage import QwenImageEditFamily, QwenImageEditPlusFamily, QwenImageFamily
 from .sd3 import SD3Family
 from .steps import sampler_step
 from .unet import UNetFamily
@@ -39,7 +40,8 @@ from .wan import WanFamily
 from .zimage import ZImageFamily
 
 FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, WanFamily, UNetFamily, ZImageFamily,
-                                                Flux2KleinFamily, Flux2DevFamily)
+                                                Flux2KleinFamily, Flux2DevFamily, QwenImageFamily,
+                                                QwenImageEditFamily, QwenImageEditPlusFamily)
 
 
 def supported_pipelines() -> str:
@@ -91,7 +93,8 @@ class VSFGuidance:
     def __enter__(self) -> "VSFGuidance":
         self._refuse_guided_denoisers()
         try:
-            self.negative = self._negative_for({})
+            # encoded per call instead when the encoding needs the call's inputs (the Edit pipelines' image)
+            self.negative = None if self.adapter.negative_needs_call else self._negative_for({})
             for _, model in self.adapter.denoisers(self.pipe):
                 originals = dict(model.attn_processors)
                 ours = {name: self.adapter.processor_for(name, proc, self.run) or proc
@@ -187,6 +190,10 @@ class VSFGuidance:
         text = kwargs["encoder_hidden_states"]
         batch, positive_len = text.shape[0], self.adapter.positive_length(kwargs)
         negative = self.negative if not encoding else self._negative_for(encoding)
+        if negative is None:
+            raise GuidanceInputError(
+                f"{type(self.pipe).__name__} encodes the negative prompt with the pipeline call's inputs (its image): "
+                "run the pipeline through the guidance (`vsf(...)`) instead of direct denoiser calls")
         if negative.is_empty or not self.settings.is_active(step, total):
             self.run.set_text(positive_len, None)
             return args, kwargs
