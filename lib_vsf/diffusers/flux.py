@@ -159,7 +159,7 @@ class FluxFamily(FamilyAdapter):
         img_ids = kwargs.get("img_ids")
         if img_ids is None:
             return 0
-        ids = img_ids.reshape(-1, img_ids.shape[-1])
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # the model reads the first sample's (3-D: deprecated)
         if ids.shape[0] != kwargs["hidden_states"].shape[1]:
             raise GuidanceInputError(f"Flux img_ids cover {ids.shape[0]} tokens, the image stream has "
                                      f"{kwargs['hidden_states'].shape[1]}")
