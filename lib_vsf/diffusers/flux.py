@@ -6,6 +6,13 @@ position 0 in Flux, so their order inside the text stream changes nothing; `txt_
 them. The negative T5 embedding is extrapolated away from the null embedding `p0` (paper eq. 10,
 `flux_lambda`; `p0` as `lib_vsf.flux_lambda` defines it for every path: the mean padding embedding of
 the empty prompt, padded like the pipeline's prompts); the pooled CLIP vector stays positive-only.
+
+Flux Kontext (`FluxKontextPipeline`) is the same Flux.1 transformer: the pipeline appends the reference
+image's latents after the image tokens (their `img_ids` have first id 1, the image's 0) and slices them
+off the output, so the sequence is `[N0, P, I, R]`. The reference tokens are `TokenLayout.reference`
+(R rows attend I, P, R; N0 rows attend I, R, N0; only image rows see N1), counted per call from
+`img_ids`. Kontext's CFG is `true_cfg_scale` (with `negative_prompt`), turned off; its `guidance_scale`
+is the distilled guidance embedding and stays the user's. The lambda rule applies as for Flux dev.
 """
 from __future__ import annotations
 
@@ -26,7 +33,24 @@ def _rope(x: torch.Tensor, rotary_emb) -> torch.Tensor:
 
 class FluxVSFProcessor(GuidedProcessor):
     """Joint attention of one Flux block. Double-stream calls get `encoder_hidden_states`; single-stream
-    calls get one sequence `[text, image]` whose text length the run knows."""
+    calls get one sequence `[text, image]` whose text length the run knows. `adapter.reference_tokens`:
+    how many tokens at the end of the sequence are reference-image tokens (Kontext; 0 for plain Flux)."""
+
+    def __init__(self, original, run, adapter=None):
+        super().__init__(original, run)
+        self.adapter = adapter
+
+    def check_mask(self, attention_mask):
+        if attention_mask is not None:
+            raise GuidanceInputError("VSF does not support an attention mask in Flux attention")
+
+    def positive_mask(self, attention_mask, length: int):
+        """The model's own mask of its positive text for the layout (Flux has none)."""
+        return None
+
+    def reference(self, length: int) -> slice | None:
+        tokens = getattr(self.adapter, "reference_tokens", 0)
+        return slice(length - tokens, length) if tokens else None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None, **kwargs):
@@ -34,8 +58,7 @@ class FluxVSFProcessor(GuidedProcessor):
         if not run.active:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask,
                                  image_rotary_emb=image_rotary_emb, **kwargs)
-        if attention_mask is not None:
-            raise GuidanceInputError("VSF does not support an attention mask in Flux attention")
+        self.check_mask(attention_mask)
         if getattr(attn, "fused_projections", False):
             raise GuidanceInputError("VSF does not support fused QKV projections; call unfuse_qkv_projections()")
         double = encoder_hidden_states is not None and attn.added_kv_proj_dim is not None
@@ -56,7 +79,9 @@ class FluxVSFProcessor(GuidedProcessor):
         if image_rotary_emb is not None:
             q, k = _rope(q, image_rotary_emb), _rope(k, image_rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
-        layout = run.joint_layout(q.shape[2], text_offset=0)
+        length = q.shape[2]
+        layout = run.joint_layout(length, text_offset=0, reference=self.reference(length),
+                                  positive_mask=self.positive_mask(attention_mask, length))
         out = heads_merged(attend(joint_attention, q, k, v, layout, run)).to(q.dtype)
         run.calls += 1
         if not double:
@@ -75,9 +100,10 @@ class FluxFamily(FamilyAdapter):
 
     def __init__(self):
         self._null_cache: dict[int, torch.Tensor] = {}
+        self.reference_tokens = 0  # reference-image tokens at the end of the current call's image stream
 
     def processor_for(self, name, original, run):
-        return FluxVSFProcessor(original, run) if name.endswith(".attn.processor") else None
+        return FluxVSFProcessor(original, run, self) if name.endswith(".attn.processor") else None
 
     def single_pass_kwargs(self, kwargs):
         kwargs = super().single_pass_kwargs(kwargs)
@@ -90,6 +116,7 @@ class FluxFamily(FamilyAdapter):
         if img_ids is None:
             return None
         ids = img_ids.reshape(-1, img_ids.shape[-1])[: kwargs["hidden_states"].shape[1]]
+        ids = ids[ids[:, 0] == 0]  # the image itself (Kontext's reference tokens have first id 1)
         height, width = int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
         return LatentGrid(1, height, width) if height * width == ids.shape[0] else None
 
@@ -122,4 +149,33 @@ class FluxFamily(FamilyAdapter):
         if txt_ids is not None:
             extra = txt_ids.new_zeros(*txt_ids.shape[:-2], negative.length, txt_ids.shape[-1])
             kwargs["txt_ids"] = torch.cat([extra, txt_ids], dim=-2)
+        self.reference_tokens = self.count_reference_tokens(kwargs)
         return kwargs
+
+    @staticmethod
+    def count_reference_tokens(kwargs) -> int:
+        """Reference-image tokens of this call: the trailing image-stream tokens whose `img_ids` have a
+        nonzero first id (Kontext gives its reference latents id 1, the image 0)."""
+        img_ids = kwargs.get("img_ids")
+        if img_ids is None:
+            return 0
+        ids = img_ids[0] if img_ids.ndim == 3 else img_ids  # the model reads the first sample's (3-D: deprecated)
+        if ids.shape[0] != kwargs["hidden_states"].shape[1]:
+            raise GuidanceInputError(f"Flux img_ids cover {ids.shape[0]} tokens, the image stream has "
+                                     f"{kwargs['hidden_states'].shape[1]}")
+        is_reference = ids[:, 0] != 0
+        count = int(is_reference.sum())
+        if count and not bool(is_reference[ids.shape[0] - count:].all()):
+            raise GuidanceInputError("VSF needs Flux reference-image tokens after the image tokens (img_ids)")
+        return count
+
+
+class FluxKontextFamily(FluxFamily):
+    """Flux Kontext: Flux.1 with reference-image tokens after the image; see the module docstring."""
+
+    label = "Flux Kontext"
+    pipeline_prefixes = ("FluxKontextPipeline",)
+    cfg_kwarg = "true_cfg_scale"  # Kontext's CFG (guidance_scale is the distilled guidance embedding)
+
+    def matches(self, pipe) -> bool:
+        return type(pipe).__name__ in self.pipeline_prefixes
