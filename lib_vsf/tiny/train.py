@@ -19,7 +19,7 @@ import torch
 
 from . import data, model
 
-DEFAULTS = dict(steps=720, batch=32, lr=1e-3, warmup=100, caption_dropout=0.1, seed=0)
+DEFAULTS = dict(steps=720, batch=32, lr=1e-3, warmup=100, caption_dropout=0.1, seed=0, stop_after=304)
 
 
 def encode(pipe, captions):
@@ -38,8 +38,11 @@ def lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
 
 def train(steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"], lr: float = DEFAULTS["lr"],
           warmup: int = DEFAULTS["warmup"], caption_dropout: float = DEFAULTS["caption_dropout"],
-          seed: int = DEFAULTS["seed"], out: str | Path | None = None, log_every: int = 50, log=print):
-    """Train from scratch; returns (pipeline, per-step losses). Writes the pipeline to `out` if given."""
+          seed: int = DEFAULTS["seed"], out: str | Path | None = None, log_every: int = 50, log=print,
+          stop_after: int | None = None):
+    """Train from scratch; returns (pipeline, per-step losses). Writes the pipeline to `out` if given.
+    `stop_after`: end after that many steps of the `steps`-step schedule (the bundled weights are
+    DEFAULTS["stop_after"] steps of the default schedule)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -51,7 +54,7 @@ def train(steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"], lr: fl
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses, start = [], time.time()
-    for step in range(steps):
+    for step in range(steps if stop_after is None else min(stop_after, steps)):
         rng = np.random.default_rng([seed, step])
         images, captions, _, _ = data.batch(rng, batch)
         captions = ["" if rng.random() < caption_dropout else c for c in captions]
