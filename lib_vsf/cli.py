@@ -21,8 +21,10 @@ from pathlib import Path
 
 from .settings import (FAMILY_DEFAULTS, METHOD_LABELS, METHODS, PAPER_TUNED_FAMILIES, VSFSettings, VSFSettingsError,
                        family_default, from_preset, preset_names)
+from .tiny import commands as tiny_commands
 
 METHOD_PRESET = {"nag": "NAG", "nasa": "NASA"}
+TINY_ENLARGE = 4  # the bundled model makes 32x32 images
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate an image or video with guided negative prompt")
-    gen.add_argument("--model", required=True, help="diffusers pipeline: hub id or local directory")
+    gen.add_argument("--model", help="diffusers pipeline: hub id or local directory (default: the bundled tiny "
+                     "model, lib_vsf/tiny, images enlarged 4x)")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--negative", default="", help="negative prompt (no padding, applied inside attention)")
     gen.add_argument("--preset", choices=[p for p in preset_names() if p != "Custom"],
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="vsf.png", help="output path (.png; videos .gif or .mp4)")
 
     sub.add_parser("presets", help="list presets and per-family defaults")
+    tiny_commands.add_subcommands(sub)
     return parser
 
 
@@ -86,7 +90,12 @@ def _load(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=getattr(torch, dtype_name))
+    model, extra = args.model, {}
+    if model is None:
+        from .tiny.model import LOAD_KWARGS, bundled_path
+
+        model, extra = str(bundled_path()), LOAD_KWARGS
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype_name), **extra)
     return pipe.to(device), device
 
 
@@ -171,11 +180,21 @@ def _run(pipe, adapter, args, settings: VSFSettings | None, negative_map: bool =
 
     kwargs = _call_kwargs(args, pipe, args.seed)
     if settings is None:
-        return (*_frames(pipe(prompt=args.prompt, **adapter.single_pass_kwargs(kwargs))), None)
+        image, is_video = _frames(pipe(prompt=args.prompt, **adapter.single_pass_kwargs(kwargs)))
+        return _enlarged(args, image), is_video, None
     with VSFGuidance(pipe, args.negative, settings, negative_map=negative_map) as vsf:
-        result = _frames(vsf(prompt=args.prompt, **kwargs))
+        image, is_video = _frames(vsf(prompt=args.prompt, **kwargs))
         share = vsf.negative_map()
-    return (*result, None if share is None else share[0])
+    return _enlarged(args, image), is_video, None if share is None else share[0]
+
+
+def _enlarged(args, image):
+    """The bundled tiny model's 32x32 image enlarged TINY_ENLARGE times (nearest); others unchanged."""
+    if args.model is not None or isinstance(image, list):
+        return image
+    from PIL import Image
+
+    return image.resize((image.width * TINY_ENLARGE, image.height * TINY_ENLARGE), Image.NEAREST)
 
 
 def map_unavailable(settings: VSFSettings | None) -> str | None:
@@ -199,8 +218,11 @@ def _write_map(image, share, path: Path, text: str) -> Path:
 
 
 def _params(args, settings: VSFSettings | None, size) -> dict[str, object]:
+    if args.model is None:  # generated size, not the enlarged one
+        size = (size[0] // TINY_ENLARGE, size[1] // TINY_ENLARGE)
+    model = "lib_vsf-tiny" if args.model is None else Path(args.model.rstrip("/")).name or args.model
     params: dict[str, object] = {"Steps": args.steps, "Seed": args.seed, "Size": f"{size[0]}x{size[1]}",
-                                 "Model": Path(args.model.rstrip("/")).name or args.model}
+                                 "Model": model}
     if args.frames:
         params["Frames"] = args.frames
     if settings is not None:
@@ -264,6 +286,9 @@ def generate(args) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    handled = tiny_commands.run(args)
+    if handled is not None:
+        return handled
     if args.command == "presets":
         for name in preset_names()[:-1]:
             print(f"{name:12s} {from_preset(name).to_infotext_string()}")
