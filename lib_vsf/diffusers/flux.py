@@ -56,7 +56,7 @@ class FluxVSFProcessor(GuidedProcessor):
         if image_rotary_emb is not None:
             q, k = _rope(q, image_rotary_emb), _rope(k, image_rotary_emb)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
-        layout = run.joint_layout(q.shape[2], text_offset=0)
+        layout = run.joint_layout(q.shape[2], text_offset=0, reference=self.reference_span(q.shape[2]))
         out = heads_merged(attend(joint_attention, q, k, v, layout, run)).to(q.dtype)
         run.calls += 1
         if not double:
@@ -64,6 +64,11 @@ class FluxVSFProcessor(GuidedProcessor):
         text_out, image_out = out[:, :text_len], out[:, text_len:]
         image_out = attn.to_out[1](attn.to_out[0](image_out.contiguous()))
         return image_out, attn.to_add_out(text_out.contiguous())
+
+
+    def reference_span(self, length: int) -> slice | None:
+        """Where reference-image tokens sit in a joint sequence of `length` (Flux has none)."""
+        return None
 
 
 class FluxFamily(FamilyAdapter):
