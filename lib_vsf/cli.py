@@ -11,7 +11,7 @@ own numbers (the ones given, when it is the chosen method; else its preset / the
 the infotext records every column (`compare_infotext`). `--show-map` also writes `NAME.map.png`: where
 the negative acts (the per-token share of attention on the flipped negative, 1 - W, as a heatmap over
 the image with its mean and max), and with `--compare` adds a "VSF map" column. VSF only: NAG and NASA
-have no W.
+have no W. `--image PATH` (repeatable) gives an image-editing pipeline its input image(s).
 """
 from __future__ import annotations
 
@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float,
                      help="Flux only: the distilled guidance value (CFG itself is always off)")
     gen.add_argument("--max-sequence-length", type=int, help="T5 length of the positive prompt")
+    gen.add_argument("--image", action="append", metavar="PATH",
+                     help="input image of an image-editing pipeline (Qwen-Image-Edit, Flux Kontext); "
+                          "repeat for several (Qwen-Image-Edit-Plus)")
     gen.add_argument("--device", help="cuda / cpu / mps (default: cuda if available)")
     gen.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="default: bf16 on GPU, fp32 on CPU")
     gen.add_argument("--compare", action="store_true", help="write one grid: unguided | VSF | NAG | NASA")
@@ -87,11 +90,32 @@ def _load(args):
     return pipe.to(device), device
 
 
+def input_images(args, pipe):
+    """The `--image` files as RGB PIL images for `pipe` (one image, or a list when several are given);
+    None without `--image`. A pipeline that takes no image is a clear error."""
+    if not getattr(args, "image", None):
+        return None
+    import inspect
+
+    if "image" not in inspect.signature(pipe.__call__).parameters:
+        raise ValueError(f"--image: {type(pipe).__name__} takes no input image (it is not an image-editing pipeline)")
+    from PIL import Image
+
+    images = []
+    for path in args.image:
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images[0] if len(images) == 1 else images
+
+
 def _call_kwargs(args, pipe, seed: int):
     import torch
 
     kwargs = dict(num_inference_steps=args.steps, output_type="pil",
                   generator=torch.Generator(device="cpu").manual_seed(seed))
+    images = input_images(args, pipe)
+    if images is not None:
+        kwargs["image"] = images
     for name, value in (("width", args.width), ("height", args.height), ("num_frames", args.frames),
                         ("max_sequence_length", args.max_sequence_length), ("guidance_scale", args.guidance_scale)):
         if value is not None:
@@ -187,6 +211,7 @@ def generate(args) -> Path:
     pipe, _ = _load(args)
     adapter = family_for(pipe)
     settings = resolve_settings(args, adapter.family)  # validated even when the image will be plain
+    input_images(args, pipe)  # --image checked (and readable) before any run
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:

@@ -167,6 +167,7 @@ def _register_family_defaults():
     # Families the paper did not tune: untuned starting points (VSF Quality's numbers).
     FAMILY_DEFAULTS["zimage"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
     FAMILY_DEFAULTS["flux2"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
+    FAMILY_DEFAULTS["qwenimage"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
 
 
 def preset_names() -> list[str]:
@@ -185,7 +186,7 @@ def from_preset(name: str, **overrides) -> VSFSettings:
 
 
 def family_default(family: str) -> VSFSettings:
-    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`, `zimage`, `flux2`)."""
+    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`, `zimage`, `flux2`, `qwenimage`)."""
     try:
         return FAMILY_DEFAULTS[family]
     except KeyError:

@@ -19,7 +19,7 @@ class Preset:
     name: str
     model_class: str  # diffusers class name
     config: dict
-    family: str  # lib_vsf.diffusers family ("sd3", "flux", "wan", "zimage", "flux2")
+    family: str  # lib_vsf.diffusers family ("sd3", "flux", "wan", "zimage", "flux2", "qwenimage")
     kind: str
     heads: int
     head_dim: int
@@ -107,6 +107,19 @@ def _flux2_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
     return out
 
 
+def _qwenimage_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
+    """Qwen-Image's call: packed latents, unpadded text (one prompt: no mask), MSRoPE from `img_shapes`."""
+    c = p.config
+    side = int(round(p.image_tokens ** 0.5))
+    return dict(
+        hidden_states=torch.randn(batch, p.image_tokens, c["in_channels"], device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch, p.positive_tokens, c["joint_attention_dim"], device=device,
+                                          dtype=dtype),
+        timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
+        img_shapes=[[(1, side, side)]] * batch,
+    )
+
+
 SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
                   num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
@@ -137,6 +150,11 @@ FLUX2_KLEIN_4B = dict(patch_size=1, in_channels=128, num_layers=5, num_single_la
 FLUX2_TINY = dict(FLUX2_KLEIN_4B, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
                   num_attention_heads=4, joint_attention_dim=48, timestep_guidance_channels=32,
                   axes_dims_rope=(4, 4, 4, 4))
+# Qwen-Image (20B): the config its checkpoint ships (transformer/config.json).
+QWEN_IMAGE = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                  num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
+QWEN_IMAGE_TINY = dict(QWEN_IMAGE, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
 
 
 PRESETS: dict[str, Preset] = {
@@ -162,6 +180,13 @@ PRESETS: dict[str, Preset] = {
                              note="1024x1024, 4B; text first, negative first: [N0, P, I]"),
     "flux2-tiny": Preset("flux2-tiny", "Flux2Transformer2DModel", FLUX2_TINY, "flux2", "joint", 4, 16, 64, 32, 12,
                          True, True, _flux2_inputs, note="1+1-block Flux.2, 128x128 equivalent; CPU check"),
+    # Qwen-Image: double-stream blocks over [N0, P, I]; a prompt of 128 tokens after the template is dropped.
+    "qwen-image": Preset("qwen-image", "QwenImageTransformer2DModel", QWEN_IMAGE, "qwenimage", "joint", 24, 128,
+                         4096, 128, 16, True, True, _qwenimage_inputs,
+                         note="1024x1024, 20B; text first, negative first: [N0, P, I]"),
+    "qwen-image-tiny": Preset("qwen-image-tiny", "QwenImageTransformer2DModel", QWEN_IMAGE_TINY, "qwenimage", "joint",
+                              4, 16, 64, 32, 12, True, True, _qwenimage_inputs,
+                              note="2-block Qwen-Image, 128x128 equivalent; CPU check"),
 }
 
 

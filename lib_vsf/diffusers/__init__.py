@@ -1,5 +1,5 @@
 """VSF / NAG / NASA guidance for diffusers pipelines (SD3/SD3.5, Flux, Wan 2.1/2.2, SD1.5/SDXL, Z-Image,
-Flux.2 Klein).
+Flux.2 Klein, Flux.2 dev, Qwen-Image / Qwen-Image-Edit / Qwen-Image-Edit-Plus).
 
     from lib_vsf import from_preset
     from lib_vsf.diffusers import VSFGuidance

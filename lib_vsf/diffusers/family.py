@@ -1,6 +1,6 @@
 """What a diffusers model family adapter provides; the shared processor base.
 
-One adapter per family (sd3.py, flux.py, wan.py, unet.py, zimage.py, flux2.py), each the same shape:
+One adapter per family (sd3.py, flux.py, wan.py, unet.py, zimage.py, flux2.py, qwenimage.py), each the same shape:
 
 - `matches(pipe)`: is this pipeline of the family?
 - `denoisers(pipe)`: the models whose attention gets processors (Wan 2.2 has two).
@@ -19,6 +19,9 @@ One adapter per family (sd3.py, flux.py, wan.py, unet.py, zimage.py, flux2.py), 
 - `latent_grid(model, args, kwargs)`: where the image tokens of the denoiser call sit (a `LatentGrid`:
   patch size, packing), for the negative-attention map; None (the default) = not available, the map
   then stays flat `[B, tokens]`.
+- `negative_needs_call`: True when the negative's encoding needs the pipeline call's inputs (Qwen-Image-Edit
+  encodes every prompt with the input image): it is then encoded per call from `text_encoding(pipe)`,
+  never on entry, and direct denoiser calls (`VSFGuidance.direct_calls`) are refused.
 """
 from __future__ import annotations
 
@@ -89,6 +92,8 @@ class FamilyAdapter:
     negative_first = False
     # pipeline kwarg that turns CFG off when set to 1 (None: the pipeline has no CFG to turn off)
     cfg_kwarg: str | None = "guidance_scale"
+    # the negative is encoded per pipeline call, with that call's inputs (see the module docstring)
+    negative_needs_call = False
 
     def for_pipeline(self, pipe) -> "FamilyAdapter":
         """This adapter adjusted to `pipe` (a fresh adapter is made for every VSFGuidance)."""

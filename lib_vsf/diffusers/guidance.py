@@ -37,14 +37,16 @@ from .family import FamilyAdapter, GuidanceConflictError, GuidanceInputError, Gu
 from .flux import FluxFamily
 from .kontext import FluxKontextFamily
 from .flux2 import Flux2DevFamily, Flux2KleinFamily
+from .qwenimage import QwenImageEditFamily, QwenImageEditPlusFamily, QwenImageFamily
 from .sd3 import SD3Family
 from .steps import sampler_step
 from .unet import UNetFamily
 from .wan import WanFamily
 from .zimage import ZImageFamily
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, FluxKontextFamily, WanFamily, UNetFamily, ZImageFamily,
-                                                Flux2KleinFamily, Flux2DevFamily)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, FluxKontextFamily, WanFamily, UNetFamily,
+                                                ZImageFamily, Flux2KleinFamily, Flux2DevFamily, QwenImageFamily,
+                                                QwenImageEditFamily, QwenImageEditPlusFamily)
 
 
 def supported_pipelines() -> str:
@@ -108,7 +110,8 @@ class VSFGuidance:
     def __enter__(self) -> "VSFGuidance":
         self._refuse_guided_denoisers()
         try:
-            self.negative = self._negative_for({})
+            # encoded per call instead when the encoding needs the call's inputs (the Edit pipelines' image)
+            self.negative = None if self.adapter.negative_needs_call else self._negative_for({})
             for _, model in self.adapter.denoisers(self.pipe):
                 originals = dict(model.attn_processors)
                 ours = {name: self.adapter.processor_for(name, proc, self.run) or proc
@@ -217,6 +220,10 @@ class VSFGuidance:
         text = kwargs["encoder_hidden_states"]
         batch, positive_len = text.shape[0], self.adapter.positive_length(kwargs)
         negative = self.negative if not encoding else self._negative_for(encoding)
+        if negative is None:
+            raise GuidanceInputError(
+                f"{type(self.pipe).__name__} encodes the negative prompt with the pipeline call's inputs (its image): "
+                "run the pipeline through the guidance (`vsf(...)`) instead of direct denoiser calls")
         self._image_rows = 0
         if self.negative_image_input is not None and self.negative_image is None:  # direct calls
             self.negative_image = self._negative_image_for({})
