@@ -138,12 +138,12 @@ def kontext_guided(pipe, negative=NEGATIVE, settings=None, negative_image=NEG_IM
 class Capture:
     """Forward pre-hook after the guidance's own: the kwargs the transformer really gets."""
 
-    def __init__(self, model):
-        self.calls = []
+    def __init__(self, model, keys=("hidden_states", "img_ids", "encoder_hidden_states")):
+        self.calls, self.keys = [], keys
         self.handle = model.register_forward_pre_hook(self, with_kwargs=True)
 
     def __call__(self, module, args, kwargs):
-        self.calls.append({k: kwargs[k] for k in ("hidden_states", "img_ids", "encoder_hidden_states")})
+        self.calls.append({k: kwargs[k] for k in self.keys})
 
 
 def test_kontext_negative_image_tokens_are_the_pipelines_reference_encoding(kontext):
@@ -191,13 +191,18 @@ def test_kontext_joint_attention_matches_the_oracle_with_text_and_image_negative
     q, k, v, layout, g = seen[0]
     n_text = len(kontext.tokenizer_2(NEGATIVE).input_ids)  # tokens + EOS, no padding
     roles = ["P"] * 32 + ["Nt"] * n_text + ["Ni"] * 16 + ["I"] * 16 + ["R"] * 16
+    assert_block_is_the_oracle(real, q, k, v, layout, g, roles)
+
+
+def assert_block_is_the_oracle(attention, q, k, v, layout, g, roles):
+    """One captured joint-attention call against eq. 7/8 and the table, roles given by the test."""
     assert q.shape[2] == len(roles)
-    out = real(q.double(), k.double(), v.double(), layout, g)
+    out = attention(q.double(), k.double(), v.double(), layout, g)
     q, k, v = q.double(), k.double(), v.double()
     want = torch.full_like(q, float("nan"))
+    at = {r: [i for i, x in enumerate(roles) if x == r] for r in ("P", "Nt", "Ni", "I", "R")}
+    negative, plus = at["Nt"] + at["Ni"], at["P"] + at["I"] + at["R"]
     for h in range(q.shape[1]):
-        at = {r: [i for i, x in enumerate(roles) if x == r] for r in ("P", "Nt", "Ni", "I", "R")}
-        negative, plus = at["Nt"] + at["Ni"], at["P"] + at["I"] + at["R"]
         for i, r in enumerate(roles):
             qr = q[0, h, i]
             if r in ("P", "R"):
@@ -266,3 +271,107 @@ def test_negative_image_on_a_pipeline_without_references_is_refused_before_anyth
         VSFGuidance(pipe, NEGATIVE, negative_image=NEG_IMAGE)
     after = dict(pipe.transformer.attn_processors)
     assert all(before[n] is after[n] for n in before)
+
+
+# --- Qwen-Image-Edit, end to end -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def qwen_edit():
+    from tiny_pipelines_qwen import BUILDERS_QWEN
+
+    pipe = BUILDERS_QWEN["qwen-image-edit"]()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwen_args(image=None):
+    from tiny_pipelines_qwen import CALL_ARGS_QWEN, input_images
+
+    inputs = input_images(2)
+    return {**CALL_ARGS_QWEN["qwen-image-edit"], "image": inputs[0] if image is None else image,
+            "output_type": "pt"}, inputs[1]
+
+
+def qwen_plain(pipe, image=None):
+    args, _ = qwen_args(image)
+    return pipe(prompt=PROMPT, true_cfg_scale=1.0, generator=torch.Generator().manual_seed(0), **args).images
+
+
+def qwen_guided(pipe, negative=NEGATIVE, settings=None, with_image=True, capture=None):
+    args, negative_picture = qwen_args()
+    with VSFGuidance(pipe, negative, settings or from_preset("VSF Strong"),
+                     negative_image=negative_picture if with_image else None) as vsf:
+        cap = Capture(pipe.transformer, ("hidden_states", "img_shapes")) if capture is not None else None
+        try:
+            out = vsf(prompt=PROMPT, generator=torch.Generator().manual_seed(0), **args).images
+        finally:
+            if cap is not None:
+                cap.handle.remove()
+                capture.extend(cap.calls)
+        return out, vsf.run.calls
+
+
+def test_qwen_edit_negative_image_tokens_are_the_pipelines_reference_encoding(qwen_edit):
+    _, negative_picture = qwen_args()
+    cap = Capture(qwen_edit.transformer, ("hidden_states", "img_shapes"))
+    try:
+        qwen_plain(qwen_edit, image=negative_picture)  # the pipeline's own encoding of it as input image
+    finally:
+        cap.handle.remove()
+    as_reference = cap.calls[0]
+    image_shape, ref_shape = as_reference["img_shapes"][0]
+    n_image, n_ref = math.prod(image_shape), math.prod(ref_shape)
+    calls = []
+    qwen_guided(qwen_edit, capture=calls)
+    got = calls[0]
+    torch.testing.assert_close(got["hidden_states"][:, :n_ref], as_reference["hidden_states"][:, n_image:],
+                               rtol=0, atol=0)
+    assert [list(s) for s in got["img_shapes"]] == [[image_shape, ref_shape, ref_shape]]  # the next image
+
+
+def test_qwen_edit_negative_image_changes_the_edit_and_restores_exactly(qwen_edit):
+    before = dict(qwen_edit.transformer.attn_processors)
+    unguided = qwen_plain(qwen_edit)
+    out, calls = qwen_guided(qwen_edit)
+    image_only, _ = qwen_guided(qwen_edit, negative="")
+    text_only, _ = qwen_guided(qwen_edit, with_image=False)
+    assert calls > 0 and out.shape == unguided.shape and torch.isfinite(out).all()
+    assert (out - unguided).abs().max() > 1e-4 and (image_only - unguided).abs().max() > 1e-4
+    assert (out - text_only).abs().max() > 1e-5
+    after = dict(qwen_edit.transformer.attn_processors)
+    assert all(before[n] is after[n] for n in before)
+    assert not qwen_edit.transformer._forward_hooks and not qwen_edit.transformer._forward_pre_hooks
+    assert torch.equal(qwen_plain(qwen_edit), unguided)
+
+
+def test_qwen_edit_alpha_zero_huge_beta_is_the_plain_edit(qwen_edit):
+    settings = VSFSettings("vsf", alpha=0.0, beta=10.0)
+    object.__setattr__(settings, "beta", 1e4)  # beyond the UI range: N1 weighs exactly nothing
+    unguided = qwen_plain(qwen_edit)
+    out, calls = qwen_guided(qwen_edit, settings=settings)
+    assert calls > 0
+    torch.testing.assert_close(out, unguided, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen_edit_joint_attention_matches_the_oracle_with_text_and_image_negative(qwen_edit, monkeypatch):
+    import lib_vsf.diffusers.qwenimage as qwen_module
+
+    seen, real = [], qwen_module.joint_attention
+
+    def record(q, k, v, layout, guidance, **kw):
+        seen.append((q, k, v, layout, guidance))
+        return real(q, k, v, layout, guidance, **kw)
+
+    monkeypatch.setattr(qwen_module, "joint_attention", record)
+    calls = []
+    qwen_guided(qwen_edit, capture=calls)
+    shapes = calls[0]["img_shapes"][0]
+    n_image, n_ref, n_neg = (math.prod(s) for s in shapes)
+    q, k, v, layout, g = seen[0]
+    n_text = q.shape[2] - n_image - n_ref - n_neg
+    # the positive stream's length from the plain call's text (the negative prompt's own encoding is
+    # the rest of the text stream)
+    n_positive = layout.positive_len
+    roles = ["P"] * n_positive + ["Nt"] * (n_text - n_positive) + ["Ni"] * n_neg + ["I"] * n_image + ["R"] * n_ref
+    assert n_text - n_positive > 0 and layout.positive == slice(0, n_positive)
+    assert_block_is_the_oracle(real, q, k, v, layout, g, roles)
