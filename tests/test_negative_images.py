@@ -375,3 +375,26 @@ def test_qwen_edit_joint_attention_matches_the_oracle_with_text_and_image_negati
     roles = ["P"] * n_positive + ["Nt"] * (n_text - n_positive) + ["Ni"] * n_neg + ["I"] * n_image + ["R"] * n_ref
     assert n_text - n_positive > 0 and layout.positive == slice(0, n_positive)
     assert_block_is_the_oracle(real, q, k, v, layout, g, roles)
+
+
+def test_qwen_edit_negative_image_rope_rows_are_the_next_image_of_the_model(qwen_edit, monkeypatch):
+    """The rotary rows applied to the negative image's queries are the model's own MSRoPE rows of a third
+    entry of img_shapes (frame index 2), and the image and reference keep theirs."""
+    import lib_vsf.diffusers.qwenimage as qwen_module
+
+    applied, real = [], qwen_module._rope
+
+    def record(x, freqs):
+        applied.append(freqs)
+        return real(x, freqs)
+
+    monkeypatch.setattr(qwen_module, "_rope", record)
+    calls = []
+    qwen_guided(qwen_edit, capture=calls)
+    shapes = [tuple(s) for s in calls[0]["img_shapes"][0]]
+    n_image, n_ref, n_neg = (math.prod(s) for s in shapes)
+    image_freqs = applied[0]  # the first call rotates the image stream's queries
+    model_rows, _ = qwen_edit.transformer.pos_embed([shapes], max_txt_seq_len=8, device=image_freqs.device)
+    assert image_freqs.shape[0] == n_neg + n_image + n_ref
+    assert torch.equal(image_freqs[:n_neg], model_rows[n_image + n_ref:])
+    assert torch.equal(image_freqs[n_neg:], model_rows[:n_image + n_ref])
