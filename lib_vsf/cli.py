@@ -125,7 +125,15 @@ def _call_kwargs(args, pipe, seed: int):
                         ("max_sequence_length", args.max_sequence_length), ("guidance_scale", args.guidance_scale)):
         if value is not None:
             kwargs[name] = value
+    if args.width and args.height and _takes(pipe, "max_area"):
+        kwargs["max_area"] = args.width * args.height  # Flux Kontext sizes its output from max_area
     return kwargs
+
+
+def _takes(pipe, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(pipe.__call__).parameters
 
 
 def _frames(result):

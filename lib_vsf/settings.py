@@ -168,6 +168,7 @@ def _register_family_defaults():
     FAMILY_DEFAULTS["zimage"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
     FAMILY_DEFAULTS["flux2"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
     FAMILY_DEFAULTS["qwenimage"] = VSFSettings("vsf", alpha=3.3, beta=0.2)
+    FAMILY_DEFAULTS["chroma"] = VSFSettings("vsf", alpha=3.3, beta=0.2)  # no lambda: see diffusers/chroma.py
 
 
 def preset_names() -> list[str]:
@@ -186,7 +187,8 @@ def from_preset(name: str, **overrides) -> VSFSettings:
 
 
 def family_default(family: str) -> VSFSettings:
-    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`, `zimage`, `flux2`, `qwenimage`)."""
+    """The VSF defaults for a model family (`sd3`, `flux`, `wan`, `unet`, `zimage`, `flux2`, `qwenimage`,
+    `chroma`)."""
     try:
         return FAMILY_DEFAULTS[family]
     except KeyError:

@@ -31,6 +31,8 @@ class Preset:
     make_inputs: Callable[["Preset", int, torch.device, torch.dtype], dict] = field(repr=False, default=None)
     note: str = ""
     video_latent: tuple[int, int, int] | None = None  # (frames, height, width) of a video latent
+    # reference-image tokens R after the image tokens (Flux Kontext): [N0, P, I, R]
+    reference_tokens: int = 0
 
 
 def _sd3_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
@@ -49,9 +51,15 @@ def _flux_inputs(p: Preset, batch: int, device, dtype) -> dict[str, Any]:
     c = p.config
     side = int(round(p.image_tokens ** 0.5))
     ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3).to(device=device, dtype=dtype)
+    img_ids = torch.stack([torch.zeros_like(ys), ys, xs], -1).reshape(-1, 3)
+    if p.reference_tokens:  # Kontext: the reference latents follow the image, first id 1
+        ref = int(round(p.reference_tokens ** 0.5))
+        ry, rx = torch.meshgrid(torch.arange(ref), torch.arange(ref), indexing="ij")
+        img_ids = torch.cat([img_ids, torch.stack([torch.ones_like(ry), ry, rx], -1).reshape(-1, 3)])
+    img_ids = img_ids.to(device=device, dtype=dtype)
     out = dict(
-        hidden_states=torch.randn(batch, p.image_tokens, c["in_channels"], device=device, dtype=dtype),
+        hidden_states=torch.randn(batch, p.image_tokens + p.reference_tokens, c["in_channels"], device=device,
+                                  dtype=dtype),
         encoder_hidden_states=torch.randn(batch, p.positive_tokens, c["joint_attention_dim"], device=device,
                                           dtype=dtype),
         pooled_projections=torch.randn(batch, c["pooled_projection_dim"], device=device, dtype=dtype),
@@ -133,6 +141,8 @@ SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, atten
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+FLUX_TINY = dict(FLUX_DEV, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                 num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
 WAN_13B = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16,
                out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True,
                qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
@@ -166,6 +176,13 @@ PRESETS: dict[str, Preset] = {
                           8, False, False, _sd3_inputs, note="1024x1024; [I, P, N0]"),
     "flux-dev": Preset("flux-dev", "FluxTransformer2DModel", FLUX_DEV, "flux", "joint", 24, 128, 4096, 512, 8,
                        True, True, _flux_inputs, note="1024x1024; text first, negative first: [N0, P, I]"),
+    # Flux Kontext dev: the Flux.1 dev transformer with one 1024x1024 reference image after the image tokens.
+    "flux-kontext": Preset("flux-kontext", "FluxTransformer2DModel", FLUX_DEV, "flux", "joint", 24, 128, 4096, 512, 8,
+                           True, True, _flux_inputs, reference_tokens=4096,
+                           note="1024x1024 + one 1024x1024 reference; [N0, P, I, R]"),
+    "flux-kontext-tiny": Preset("flux-kontext-tiny", "FluxTransformer2DModel", FLUX_TINY, "flux", "joint", 4, 16, 64,
+                                32, 12, True, True, _flux_inputs, reference_tokens=64,
+                                note="1+1-block Flux Kontext, 128x128 + a 128x128 reference; CPU check"),
     "wan-1.3b": Preset("wan-1.3b", "WanTransformer3DModel", WAN_13B, "wan", "cross", 12, 128, 21 * 30 * 52, 512,
                        8, False, False, _wan_inputs, note="480x832, 81 frames; cross-attention (attn2)",
                        video_latent=(21, 60, 104)),

@@ -193,9 +193,11 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
     res, check, skipped = {}, {}, {}
     dense = DenseSdpaVSF()
     if p.kind == "joint":
-        length = li + lp + n
-        if p.negative_first:  # text first, negatives first: [N0, P, I]
-            layout = text_layout(lp, n, negative_first=True, total=length)
+        r = p.reference_tokens
+        length = li + lp + n + r
+        if p.negative_first:  # text first, negatives first: [N0, P, I] (Kontext: [N0, P, I, R])
+            layout = text_layout(lp, n, negative_first=True, total=length,
+                                 reference=slice(length - r, length) if r else None)
         else:  # [I, P, N0]
             layout = text_layout(lp, n, offset=li)
         q, k, v = (_heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
@@ -398,7 +400,7 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
         res["cfg"] = timed(lambda: fwd(cfg_kwargs), device, warmup, repeats, bm)
         del cfg_kwargs
         outputs = {}
-        length = p.image_tokens + p.positive_tokens + p.negative_tokens
+        length = p.image_tokens + p.positive_tokens + p.negative_tokens + p.reference_tokens
         ref_bytes = 4 * 4 * batch * p.heads * (length * (length + p.negative_tokens) if p.kind == "joint"
                                                 else p.image_tokens * (p.positive_tokens + p.negative_tokens))
         dense = DenseSdpaVSF()
@@ -514,8 +516,9 @@ def main(argv=None) -> int:
         "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__, "python": sys.version.split()[0],
         "shapes": {"heads": preset.heads, "head_dim": preset.head_dim, "image_tokens": preset.image_tokens,
                    "positive_tokens": preset.positive_tokens, "negative_tokens": preset.negative_tokens,
+                   "reference_tokens": preset.reference_tokens,
                    "batch": args.batch, "kind": preset.kind,
-                   "order": "[N0, P, I]" if preset.negative_first else "[I, P, N0]" if preset.kind == "joint"
+                   "order": ("[N0, P, I, R]" if preset.reference_tokens else "[N0, P, I]") if preset.negative_first else "[I, P, N0]" if preset.kind == "joint"
                    else "image queries, keys [P, N]"},
         "guidance": {k: vars(g) for k, g in METHODS.items()},
         "backend": attention_fast.select_backend(device, dtype, preset.head_dim)[0],

@@ -1,6 +1,7 @@
 """What a diffusers model family adapter provides; the shared processor base.
 
-One adapter per family (sd3.py, flux.py, wan.py, unet.py, zimage.py, flux2.py, qwenimage.py), each the same shape:
+One adapter per family (sd3.py, flux.py, chroma.py, wan.py, unet.py, zimage.py, flux2.py, qwenimage.py), each
+the same shape:
 
 - `matches(pipe)`: is this pipeline of the family?
 - `denoisers(pipe)`: the models whose attention gets processors (Wan 2.2 has two).

@@ -34,8 +34,8 @@ import torch
 from ..settings import VSFSettings, family_default
 from ..state import GuidanceRun, NegativeImage, NegativeText
 from .family import FamilyAdapter, GuidanceConflictError, GuidanceInputError, GuidedProcessor, UnsupportedPipelineError
-from .flux import FluxFamily
-from .kontext import FluxKontextFamily
+from .chroma import ChromaFamily
+from .flux import FluxFamily, FluxKontextFamily
 from .flux2 import Flux2DevFamily, Flux2KleinFamily
 from .qwenimage import QwenImageEditFamily, QwenImageEditPlusFamily, QwenImageFamily
 from .sd3 import SD3Family
@@ -44,9 +44,9 @@ from .unet import UNetFamily
 from .wan import WanFamily
 from .zimage import ZImageFamily
 
-FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, FluxKontextFamily, WanFamily, UNetFamily,
-                                                ZImageFamily, Flux2KleinFamily, Flux2DevFamily, QwenImageFamily,
-                                                QwenImageEditFamily, QwenImageEditPlusFamily)
+FAMILIES: tuple[type[FamilyAdapter], ...] = (SD3Family, FluxFamily, FluxKontextFamily, ChromaFamily, WanFamily,
+                                                UNetFamily, ZImageFamily, Flux2KleinFamily, Flux2DevFamily,
+                                                QwenImageFamily, QwenImageEditFamily, QwenImageEditPlusFamily)
 
 
 def supported_pipelines() -> str:
