@@ -398,3 +398,24 @@ def test_qwen_edit_negative_image_rope_rows_are_the_next_image_of_the_model(qwen
     assert image_freqs.shape[0] == n_neg + n_image + n_ref
     assert torch.equal(image_freqs[:n_neg], model_rows[n_image + n_ref:])
     assert torch.equal(image_freqs[n_neg:], model_rows[:n_image + n_ref])
+
+
+def test_cli_negative_image_moves_the_kontext_edit(kontext, tmp_path, monkeypatch):
+    import diffusers.pipelines.flux.pipeline_flux_kontext as kontext_module
+
+    from lib_vsf.cli import main
+    from lib_vsf.output import read_png_infotext
+
+    monkeypatch.setattr(kontext_module, "PREFERRED_KONTEXT_RESOLUTIONS", [(16, 16)])  # a tiny trained size
+    kontext.save_pretrained(tmp_path / "kontext")
+    INPUT.save(tmp_path / "in.png")
+    NEG_IMAGE.save(tmp_path / "avoid.png")
+    common = ["generate", "--model", str(tmp_path / "kontext"), "--prompt", PROMPT, "--steps", "2", "--width", "16",
+              "--height", "16", "--max-sequence-length", "16", "--image", str(tmp_path / "in.png")]
+    assert main([*common, "--out", str(tmp_path / "plain.png")]) == 0
+    assert main([*common, "--negative-image", str(tmp_path / "avoid.png"), "--out", str(tmp_path / "neg.png")]) == 0
+    with Image.open(tmp_path / "plain.png") as a, Image.open(tmp_path / "neg.png") as b:
+        assert a.size == b.size and list(a.getdata()) != list(b.getdata())
+    text = read_png_infotext(tmp_path / "neg.png")
+    assert "Negative image: avoid.png" in text and "VSF method: vsf" in text
+    assert "Negative image" not in read_png_infotext(tmp_path / "plain.png")
