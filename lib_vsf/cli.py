@@ -289,7 +289,7 @@ def main(argv=None) -> int:
             print(f"{name:12s} {from_preset(name).to_infotext_string()}")
         for family in FAMILY_DEFAULTS:
             untuned = "" if family in PAPER_TUNED_FAMILIES else "  (untuned starting point)"
-            print(f"default {family:7s}{family_default(family).to_infotext_string()}{untuned}")
+            print(f"default {family:<10}{family_default(family).to_infotext_string()}{untuned}")
         return 0
     try:
         path = generate(args)

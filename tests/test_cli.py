@@ -202,6 +202,6 @@ def test_presets_lists_every_family_default_and_marks_the_untuned_ones(capsys):
     assert main(["presets"]) == 0
     lines = capsys.readouterr().out.splitlines()
     defaults = {line.split()[1]: line for line in lines if line.startswith("default ")}
-    assert set(defaults) == {"sd3", "flux", "wan", "unet", "zimage", "flux2"}
+    assert set(defaults) == {"sd3", "flux", "wan", "unet", "zimage", "flux2", "qwenimage", "chroma"}
     assert "VSF alpha: 3.5, VSF beta: 0.1" in defaults["sd3"] and "VSF lambda: 8" in defaults["flux"]
-    assert [f for f, line in defaults.items() if "untuned" in line] == ["zimage", "flux2"]
+    assert [f for f, line in defaults.items() if "untuned" in line] == ["zimage", "flux2", "qwenimage", "chroma"]
