@@ -419,3 +419,27 @@ def test_cli_negative_image_moves_the_kontext_edit(kontext, tmp_path, monkeypatc
     text = read_png_infotext(tmp_path / "neg.png")
     assert "Negative image: avoid.png" in text and "VSF method: vsf" in text
     assert "Negative image" not in read_png_infotext(tmp_path / "plain.png")
+
+
+def test_kontext_batch_with_two_text_negatives_and_one_negative_image_equals_each_alone(kontext):
+    """The text negatives pad to the longest (masked), the image negative follows them for every sample."""
+    negatives = ["blurry", "a dog wearing a red hat, low quality"]
+    prompts = [PROMPT, "a photo of a house"]
+    with VSFGuidance(kontext, negatives, from_preset("VSF Strong"), negative_image=NEG_IMAGE) as vsf:
+        batch = vsf(prompt=prompts, generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                    **KONTEXT_ARGS).images
+    for i in range(2):
+        with VSFGuidance(kontext, negatives[i], from_preset("VSF Strong"), negative_image=NEG_IMAGE) as vsf:
+            alone = vsf(prompt=prompts[i], generator=torch.Generator().manual_seed(i), **KONTEXT_ARGS).images
+        torch.testing.assert_close(batch[i], alone[0], rtol=1e-4, atol=1e-4)
+
+
+def test_negative_image_on_qwen_edit_plus_is_refused_clearly():
+    from tiny_pipelines_qwen import BUILDERS_QWEN
+
+    pipe = BUILDERS_QWEN["qwen-image-edit-plus"]()
+    before = dict(pipe.transformer.attn_processors)
+    with pytest.raises(UnsupportedPipelineError, match="one reference image"):
+        VSFGuidance(pipe, NEGATIVE, negative_image=NEG_IMAGE)
+    after = dict(pipe.transformer.attn_processors)
+    assert all(before[n] is after[n] for n in before)

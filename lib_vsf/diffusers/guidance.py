@@ -90,10 +90,10 @@ class VSFGuidance:
         self._image_encodings: dict[tuple, NegativeImage] = {}  # image options -> negative image tokens
         self._image_rows = 0  # negative-image rows to drop from the running denoiser call's output
         if negative_image is not None:
-            if not hasattr(self.adapter, "encode_negative_image"):
+            if getattr(self.adapter, "encode_negative_image", None) is None:
                 raise UnsupportedPipelineError(
-                    f"negative images need an edit pipeline with reference images (Flux Kontext, Qwen-Image-Edit); "
-                    f"{type(pipe).__name__} has none")
+                    f"negative images need an edit pipeline with one reference image (Flux Kontext, Qwen-Image-Edit); "
+                    f"{type(pipe).__name__} is not one of them")
             self.adapter.negative_first = False  # [P, N_txt | N_img, I, R]: one N span
         self.run = GuidanceRun(self.settings, negative_first=self.adapter.negative_first)
         self.negative: NegativeText | None = None

@@ -331,6 +331,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
 
     label = "Qwen-Image-Edit-Plus"
     pipeline_prefixes = ("QwenImageEditPlusPipeline",)
+    encode_negative_image = None  # negative images: not wired for several input images yet
 
     def condition_images(self, image):
         """The images as `QwenImageEditPlusPipeline` hands them to the text encoder: each resized by the
