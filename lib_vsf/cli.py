@@ -11,7 +11,9 @@ own numbers (the ones given, when it is the chosen method; else its preset / the
 the infotext records every column (`compare_infotext`). `--show-map` also writes `NAME.map.png`: where
 the negative acts (the per-token share of attention on the flipped negative, 1 - W, as a heatmap over
 the image with its mean and max), and with `--compare` adds a "VSF map" column. VSF only: NAG and NASA
-have no W. `--image PATH` (repeatable) gives an image-editing pipeline its input image(s).
+have no W. `--image PATH` (repeatable) gives an image-editing pipeline its input image(s);
+`--negative-image PATH` (Flux Kontext, Qwen-Image-Edit) a picture to move away from, in the same pass,
+with or without `--negative` (docs/negative-images.md).
 """
 from __future__ import annotations
 
@@ -54,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float,
                      help="Flux only: the distilled guidance value (CFG itself is always off)")
     gen.add_argument("--max-sequence-length", type=int, help="T5 length of the positive prompt")
+    gen.add_argument("--negative-image", metavar="PATH",
+                     help="negative image of an image-editing pipeline (Flux Kontext, Qwen-Image-Edit): "
+                          "the output moves away from it, in the same single pass")
     gen.add_argument("--image", action="append", metavar="PATH",
                      help="input image of an image-editing pipeline (Qwen-Image-Edit, Flux Kontext); "
                           "repeat for several (Qwen-Image-Edit-Plus)")
@@ -174,6 +179,17 @@ def compare_infotext(columns: list[tuple[str, VSFSettings | None]]) -> dict[str,
     return out
 
 
+def negative_image(args):
+    """The `--negative-image` file as an RGB PIL image, or None."""
+    path = getattr(args, "negative_image", None)
+    if not path:
+        return None
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return image.convert("RGB")
+
+
 def _run(pipe, adapter, args, settings: VSFSettings | None, negative_map: bool = False):
     """(image or frames, is_video, negative map of the first image or None)."""
     from .diffusers import VSFGuidance
@@ -182,7 +198,8 @@ def _run(pipe, adapter, args, settings: VSFSettings | None, negative_map: bool =
     if settings is None:
         image, is_video = _frames(pipe(prompt=args.prompt, **adapter.single_pass_kwargs(kwargs)))
         return _enlarged(args, image), is_video, None
-    with VSFGuidance(pipe, args.negative, settings, negative_map=negative_map) as vsf:
+    with VSFGuidance(pipe, args.negative, settings, negative_map=negative_map,
+                     negative_image=negative_image(args)) as vsf:
         image, is_video = _frames(vsf(prompt=args.prompt, **kwargs))
         share = vsf.negative_map()
     return _enlarged(args, image), is_video, None if share is None else share[0]
@@ -225,6 +242,8 @@ def _params(args, settings: VSFSettings | None, size) -> dict[str, object]:
                                  "Model": model}
     if args.frames:
         params["Frames"] = args.frames
+    if getattr(args, "negative_image", None):
+        params["Negative image"] = Path(args.negative_image).name
     if settings is not None:
         params.update(settings.to_infotext())
     return params
@@ -235,13 +254,14 @@ def generate(args) -> Path:
     from .diffusers import family_for
     from .output import infotext, labelled_grid, save_png, save_video
 
-    guided = bool(args.negative.strip())
+    guided = bool(args.negative.strip()) or bool(getattr(args, "negative_image", None))
     if args.compare and not guided:
         raise ValueError("--compare needs a negative prompt: without one every column is the unguided image")
     pipe, _ = _load(args)
     adapter = family_for(pipe)
     settings = resolve_settings(args, adapter.family)  # validated even when the image will be plain
     input_images(args, pipe)  # --image checked (and readable) before any run
+    negative_image(args)  # and --negative-image
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.compare:

@@ -10,7 +10,7 @@ tokens sit.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,22 @@ class NegativeText:
 
     def to(self, device=None, dtype=None) -> "NegativeText":
         return NegativeText(self.embeds.to(device=device, dtype=dtype), self.mask.to(device))
+
+
+@dataclass
+class NegativeImage:
+    """A negative image as image-stream tokens (docs/negative-images.md): `tokens` [1, n, C], the packed
+    latents in the denoiser's image-input space (encoded as the pipeline encodes a reference image),
+    shared by every sample; `positions`: the family's position data for them (Flux Kontext: ids [n, 3]).
+    They go first in the image stream, right after the text negative: the joint sequence is
+    `[P, N_txt | N_img, I, R]`, one N span."""
+
+    tokens: torch.Tensor
+    positions: Any = None
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,9 @@ class GuidanceRun:
     `positive_len` / `negative_len` count text tokens as the model sees them in its text stream;
     `negative_first` says the negative tokens precede the positive ones in that stream (used by
     text-first joint models so that image and positive tokens stay contiguous).
+    `negative_image_len`: of the `negative_len` negative tokens, how many are a negative image's tokens
+    at the start of the image stream (`[P, N_txt | N_img, I, R]`, docs/negative-images.md); they are
+    not part of the text stream.
     """
 
     settings: VSFSettings
@@ -189,6 +208,7 @@ class GuidanceRun:
     negative_len: int = 0
     negative_mask: torch.Tensor | None = None
     negative_first: bool = False
+    negative_image_len: int = 0
     calls: int = field(default=0)  # attention calls guided so far (for tests and diagnostics)
     # "Where the negative acts" recorder, None unless asked for (`record_negative_map`); the attention
     # callers pass it as `negative_share=`.
@@ -215,17 +235,29 @@ class GuidanceRun:
 
     @property
     def text_len(self) -> int:
-        return self.positive_len + self.negative_len
+        """Tokens of the text stream: positive plus text negative (a negative image is image stream)."""
+        return self.positive_len + self.negative_len - self.negative_image_len
 
-    def set_text(self, positive_len: int, negative: NegativeText | None, negative_first: bool = False) -> None:
-        """Record the text stream the model is about to see: positive tokens plus `negative`."""
+    def set_text(self, positive_len: int, negative: NegativeText | None, negative_first: bool = False,
+                 negative_image_len: int = 0) -> None:
+        """Record the text stream the model is about to see: positive tokens plus `negative`, and
+        `negative_image_len` negative-image tokens first in the image stream (then the text negative
+        must come last in the text stream, so that N is one span)."""
         self.positive_len = int(positive_len)
         self.negative_first = negative_first
-        if negative is None or negative.is_empty:
-            self.negative_len, self.negative_mask = 0, None
-        else:
-            self.negative_len = negative.length
-            self.negative_mask = None if bool(negative.mask.all()) else negative.mask
+        image_len = int(negative_image_len)
+        if image_len and negative_first:
+            raise ValueError("a negative image follows the text negative: the text stream must be [P, N]")
+        text = None if negative is None or negative.is_empty else negative
+        self.negative_image_len = image_len
+        if text is None:
+            self.negative_len, self.negative_mask = image_len, None
+            return
+        self.negative_len = text.length + image_len
+        mask = text.mask
+        if image_len:  # the image negative's tokens are real for every sample
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], image_len)], dim=1)
+        self.negative_mask = None if bool(mask.all()) else mask
 
     def joint_layout(self, sequence_len: int, text_offset: int, reference: slice | None = None,
                      positive_mask: torch.Tensor | None = None) -> TokenLayout:

@@ -15,6 +15,10 @@ context is active its denoisers run only through it (a direct pipeline call, or 
 sharing the denoiser, is refused at its first denoiser call): the step bookkeeping is read from this
 pipeline's scheduler, so any other caller would be guided on someone else's steps.
 
+`negative_image=IMG` (Flux Kontext, Qwen-Image-Edit) adds a negative image: its latents, encoded as the
+pipeline encodes a reference image, join the negative as image-stream tokens, so the output moves away
+from what that picture shows (docs/negative-images.md); with or without a negative prompt.
+
 `negative_map=True` also records where the negative acts (VSF only): after a call,
 `vsf.negative_map()` is the per-token share of attention on the flipped negative, `1 - W`, on the
 latent grid, and `vsf.negative_map(per_step=True)` the same per guided step.
@@ -28,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from ..settings import VSFSettings, family_default
-from ..state import GuidanceRun, NegativeText
+from ..state import GuidanceRun, NegativeImage, NegativeText
 from .family import FamilyAdapter, GuidanceConflictError, GuidanceInputError, GuidedProcessor, UnsupportedPipelineError
 from .chroma import ChromaFamily
 from .flux import FluxFamily, FluxKontextFamily
@@ -66,10 +70,12 @@ class VSFGuidance:
     `negative_prompt`: one string for every image, or one per prompt (the pipeline's prompt-major order,
     `num_images_per_prompt` copies each). `settings`: a `VSFSettings` (default: the family's defaults).
     `negative_map`: record the negative-attention map (see `negative_map()`); off by default.
+    `negative_image`: a PIL image (or image tensor the pipeline accepts) to move away from, for families
+    whose adapter can place one (`encode_negative_image`); it applies to every sample.
     """
 
-    def __init__(self, pipe, negative_prompt: str | Sequence[str], settings: VSFSettings | None = None,
-                 negative_map: bool = False):
+    def __init__(self, pipe, negative_prompt: str | Sequence[str] = "", settings: VSFSettings | None = None,
+                 negative_map: bool = False, negative_image=None):
         self.pipe = pipe
         self.adapter = family_for(pipe)
         self.settings = settings or family_default(self.adapter.family)
@@ -79,6 +85,16 @@ class VSFGuidance:
         if not prompts:
             raise ValueError("negative_prompt is an empty list")
         self.negative_prompts = ["" if p is None else str(p) for p in prompts]
+        self.negative_image_input = negative_image
+        self.negative_image: NegativeImage | None = None
+        self._image_encodings: dict[tuple, NegativeImage] = {}  # image options -> negative image tokens
+        self._image_rows = 0  # negative-image rows to drop from the running denoiser call's output
+        if negative_image is not None:
+            if getattr(self.adapter, "encode_negative_image", None) is None:
+                raise UnsupportedPipelineError(
+                    f"negative images need an edit pipeline with one reference image (Flux Kontext, Qwen-Image-Edit); "
+                    f"{type(pipe).__name__} is not one of them")
+            self.adapter.negative_first = False  # [P, N_txt | N_img, I, R]: one N span
         self.run = GuidanceRun(self.settings, negative_first=self.adapter.negative_first)
         self.negative: NegativeText | None = None
         self._originals: list[tuple[torch.nn.Module, dict[str, Any]]] = []
@@ -103,6 +119,8 @@ class VSFGuidance:
                 self._originals.append((model, originals))
                 model.set_attn_processor(ours)
                 self._hooks.append(self.adapter.register_step_hook(model, self._before_forward))
+                if self.negative_image_input is not None:
+                    self._hooks.append(model.register_forward_hook(self._after_forward))
         except BaseException:
             self.restore()
             raise
@@ -129,6 +147,15 @@ class VSFGuidance:
                 ).trimmed()
         return self._encodings[key]
 
+    def _negative_image_for(self, options: dict[str, Any]) -> NegativeImage:
+        """The negative image encoded with the pipeline call's image options `options` (cached)."""
+        key = tuple(sorted(options.items()))
+        if key not in self._image_encodings:
+            with torch.no_grad():
+                self._image_encodings[key] = self.adapter.encode_negative_image(
+                    self.pipe, self.negative_image_input, **options)
+        return self._image_encodings[key]
+
     def __exit__(self, *exc) -> bool:
         self.restore()
         return False
@@ -151,6 +178,8 @@ class VSFGuidance:
         cfg_kwarg = self.adapter.cfg_kwarg
         if cfg_kwarg and float(kwargs.get(cfg_kwarg) or 1.0) > 1.0:
             warnings.warn(f"VSF replaces CFG: {cfg_kwarg}={kwargs[cfg_kwarg]} is set to 1 for this call", stacklevel=2)
+        if self.negative_image_input is not None:  # encoded as this call encodes its input image
+            self.negative_image = self._negative_image_for(self.adapter.negative_image_options(kwargs))
         kwargs = self.adapter.single_pass_kwargs(kwargs)
         self._reset_negative_map()
         self._calls, self._running = 0, True
@@ -195,17 +224,36 @@ class VSFGuidance:
             raise GuidanceInputError(
                 f"{type(self.pipe).__name__} encodes the negative prompt with the pipeline call's inputs (its image): "
                 "run the pipeline through the guidance (`vsf(...)`) instead of direct denoiser calls")
-        if negative.is_empty or not self.settings.is_active(step, total):
+        self._image_rows = 0
+        if self.negative_image_input is not None and self.negative_image is None:  # direct calls
+            self.negative_image = self._negative_image_for({})
+        if (negative.is_empty and self.negative_image is None) or not self.settings.is_active(step, total):
             self.run.set_text(positive_len, None)
             return args, kwargs
+        if negative.is_empty:  # a negative image alone
+            self.run.set_text(positive_len, None, False, self.negative_image.length)
+            return args, self._with_negative_image(kwargs)
         if batch % negative.embeds.shape[0]:
             raise GuidanceInputError(
                 f"{negative.embeds.shape[0]} negative prompts do not fit a batch of {batch} images "
                 "(give one negative, or one per prompt)"
             )
         negative = negative.for_batch(batch).to(device=text.device, dtype=text.dtype)
-        self.run.set_text(positive_len, negative, self.adapter.negative_first)
-        return args, self.adapter.extend_inputs(kwargs, negative)
+        image_len = 0 if self.negative_image is None else self.negative_image.length
+        self.run.set_text(positive_len, negative, self.adapter.negative_first, image_len)
+        kwargs = self.adapter.extend_inputs(kwargs, negative)
+        return args, kwargs if not image_len else self._with_negative_image(kwargs)
+
+    def _with_negative_image(self, kwargs):
+        """The denoiser kwargs with the negative image first in the image stream; its output rows are
+        dropped again after the call (`_after_forward`)."""
+        self._image_rows = self.negative_image.length
+        return self.adapter.extend_image_inputs(kwargs, self.negative_image)
+
+    def _after_forward(self, module, args, output):
+        """Forward hook: drop the negative image's rows (the first of the image stream) from the output."""
+        rows, self._image_rows = self._image_rows, 0
+        return drop_leading_rows(output, rows) if rows else output
 
 
     # -- negative-attention map ----------------------------------------------------------------------------
@@ -240,6 +288,19 @@ class VSFGuidance:
         """Why `negative_map()` is None for this method (NAG / NASA), or None."""
         recorder = self.run.negative_map
         return None if recorder is None else recorder.undefined_reason
+
+
+def drop_leading_rows(output, rows: int):
+    """A denoiser output (tensor, tuple, or diffusers output with `.sample`) without its first `rows`
+    image-stream rows."""
+    if isinstance(output, torch.Tensor):
+        return output[:, rows:]
+    if isinstance(output, tuple):
+        return (output[0][:, rows:],) + tuple(output[1:])
+    if hasattr(output, "sample"):
+        output.sample = output.sample[:, rows:]
+        return output
+    raise GuidanceInputError(f"cannot drop the negative image's rows from a {type(output).__name__} output")
 
 
 def generate(pipe, prompt, negative_prompt, settings: VSFSettings | None = None, **kwargs):

@@ -26,6 +26,13 @@ The negative tokens go before the positive ones in the text stream, so each bloc
   drops the negative; `guidance_scale` is the guidance embedding of distilled checkpoints and stays the
   user's.
 
+Negative images (Qwen-Image-Edit, docs/negative-images.md): the picture is encoded as the pipeline encodes
+its input image (resized to about 1024x1024 pixels at its own aspect ratio, preprocessed, the VAE's argmax
+latent normalised by the latents mean/std, 2x2 packing) and put first in the image stream, the text
+negative last in the text stream: `[P, N_txt | N_img, I, R]`. Its MSRoPE rows are those the model computes
+for it as one more entry of `img_shapes` (the next frame index after the references), moved to the front
+with the tokens; P and N_txt keep the text positions of their own passes.
+
 Direct denoiser calls (`VSFGuidance.direct_calls`) are supported for `QwenImagePipeline`; the Edit
 pipelines need the call's image for the negative and refuse them.
 """
@@ -66,6 +73,26 @@ def image_shapes(img_shapes) -> list[tuple[int, int, int]]:
     if len(first) == 3 and all(isinstance(x, int) for x in first):
         return [tuple(first)]
     return [tuple(int(x) for x in shape) for shape in first]
+
+
+def stream_text_freqs(txt_freqs: torch.Tensor, run) -> torch.Tensor:
+    """The text rows of the RoPE table for the run's text stream: `[N0, P]` (`guided_text_freqs`) or, with
+    a negative image, `[P, N_txt]`, each span at the positions of its own pass."""
+    text_negative = run.negative_len - run.negative_image_len
+    if run.negative_first:
+        return guided_text_freqs(txt_freqs, text_negative, run.positive_len)
+    if txt_freqs.shape[0] < text_negative + run.positive_len:
+        raise GuidanceInputError(f"Qwen-Image text RoPE covers {txt_freqs.shape[0]} tokens, "
+                                 f"the text stream has {text_negative + run.positive_len}")
+    return torch.cat([txt_freqs[:run.positive_len], txt_freqs[:text_negative]], dim=0)
+
+
+def negative_image_first(img_freqs: torch.Tensor, negative_image_len: int) -> torch.Tensor:
+    """The image rows of the RoPE table for `[N_img, I, R]`: the model computed the negative image's rows
+    last (its shape is the last entry of `img_shapes`); they move to the front with its tokens."""
+    if not negative_image_len:
+        return img_freqs
+    return torch.cat([img_freqs[-negative_image_len:], img_freqs[:-negative_image_len]], dim=0)
 
 
 class QwenImageVSFProcessor(GuidedProcessor):
@@ -110,10 +137,12 @@ class QwenImageVSFProcessor(GuidedProcessor):
             ck = attn.norm_added_k(ck)
         if image_rotary_emb is not None:
             img_freqs, txt_freqs = image_rotary_emb
-            txt_freqs = guided_text_freqs(txt_freqs, run.negative_len, run.positive_len)
+            txt_freqs = stream_text_freqs(txt_freqs, run)
+            img_freqs = negative_image_first(img_freqs, run.negative_image_len)
             q, k = _rope(q, img_freqs), _rope(k, img_freqs)
             cq, ck = _rope(cq, txt_freqs), _rope(ck, txt_freqs)
         q, k, v = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((cq, q), (ck, k), (cv, v)))  # [B, H, L, D]
+        image_len += run.negative_image_len  # [N_img, I, R]: R follows the negative image and the image
         reference = slice(text_len + image_len, text_len + stream_len) if image_len < stream_len else None
         layout = run.joint_layout(q.shape[2], text_offset=0, reference=reference,
                                   positive_mask=self._positive_mask(encoder_hidden_states_mask))
@@ -129,7 +158,9 @@ class QwenImageVSFProcessor(GuidedProcessor):
         """The positive span of the model's text mask (the stream is `[N0, P]`), None when all real."""
         if mask is None:
             return None
-        positive = mask[:, self.run.negative_len:].to(torch.bool)
+        run = self.run
+        text_negative = run.negative_len - run.negative_image_len
+        positive = (mask[:, text_negative:] if run.negative_first else mask[:, :run.positive_len]).to(torch.bool)
         return None if bool(positive.all()) else positive
 
 
@@ -198,8 +229,9 @@ class QwenImageFamily(FamilyAdapter):
         kwargs = super().extend_inputs(kwargs, negative)  # [N0, P]
         mask = kwargs.get("encoder_hidden_states_mask")
         if mask is not None:  # the model checks its mask against the stream: N's part is N's own padding
-            kwargs["encoder_hidden_states_mask"] = torch.cat([negative.mask.to(device=mask.device, dtype=mask.dtype),
-                                                              mask], dim=1)
+            neg_mask = negative.mask.to(device=mask.device, dtype=mask.dtype)
+            pair = (neg_mask, mask) if self.negative_first else (mask, neg_mask)
+            kwargs["encoder_hidden_states_mask"] = torch.cat(pair, dim=1)
         if kwargs.get("txt_seq_lens") is not None:  # older diffusers size the text RoPE from these
             kwargs["txt_seq_lens"] = [int(n) + negative.length for n in kwargs["txt_seq_lens"]]
         return kwargs
@@ -254,6 +286,44 @@ class QwenImageEditFamily(QwenImageFamily):
         embeds, _ = pipe.encode_prompt(prompt=[str(prompt)], image=self._images, device=pipe._execution_device)
         return embeds[0]
 
+    # -- negative images (docs/negative-images.md) ---------------------------------------------------------
+    def negative_image_options(self, kwargs) -> dict:
+        return {}
+
+    def encode_negative_image(self, pipe, image):
+        """`image` as `QwenImageEditPipeline` encodes its input image: packed latents [1, n, 4C]; positions:
+        its `img_shapes` entry (1, h, w)."""
+        from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit import calculate_dimensions
+
+        from ..state import NegativeImage
+
+        if getattr(pipe.transformer.config, "zero_cond_t", False):
+            raise GuidanceInputError("negative images are not supported on Qwen-Image-Edit models with zero_cond_t")
+        first = _pil_images(image)[0]
+        width, height = calculate_dimensions(1024 * 1024, first.size[0] / first.size[1])[:2]
+        pixels = pipe.image_processor.preprocess(pipe.image_processor.resize(first, height, width), height, width)
+        vae = pipe.vae
+        pixels = pixels.unsqueeze(2).to(device=next(vae.parameters()).device, dtype=vae.dtype)
+        latents = pipe._encode_vae_image(image=pixels, generator=None)  # [1, C, 1, h, w]
+        channels, lat_h, lat_w = latents.shape[1], latents.shape[3], latents.shape[4]
+        tokens = pipe._pack_latents(latents, 1, channels, lat_h, lat_w)
+        return NegativeImage(tokens, (1, lat_h // 2, lat_w // 2))
+
+    def extend_image_inputs(self, kwargs, negative_image):
+        """The image stream `[N_img, I, R]`; the negative image's shape is appended to every sample's
+        `img_shapes`, so the model computes its RoPE rows as the next image (moved to the front by the
+        processor, `negative_image_first`)."""
+        kwargs = dict(kwargs)
+        hidden, shapes = kwargs["hidden_states"], kwargs.get("img_shapes")
+        if not shapes:
+            raise GuidanceInputError("VSF needs Qwen-Image-Edit called with img_shapes=... for a negative image")
+        tokens = negative_image.tokens.to(device=hidden.device, dtype=hidden.dtype)
+        kwargs["hidden_states"] = torch.cat([tokens.expand(hidden.shape[0], -1, -1), hidden], dim=1)
+        entry = tuple(negative_image.positions)
+        kwargs["img_shapes"] = [[*([s] if len(s) == 3 and all(isinstance(x, int) for x in s) else list(s)), entry]
+                                for s in shapes]
+        return kwargs
+
 
 class QwenImageEditPlusFamily(QwenImageEditFamily):
     """`QwenImageEditPlusPipeline`: several input images, each "Picture i:" in the prompt and its own
@@ -261,6 +331,7 @@ class QwenImageEditPlusFamily(QwenImageEditFamily):
 
     label = "Qwen-Image-Edit-Plus"
     pipeline_prefixes = ("QwenImageEditPlusPipeline",)
+    encode_negative_image = None  # negative images: not wired for several input images yet
 
     def condition_images(self, image):
         """The images as `QwenImageEditPlusPipeline` hands them to the text encoder: each resized by the
