@@ -5,8 +5,9 @@ Skipped unless both are set:
     VSF_NEO_DIR=<Neo checkout>         (Forge Neo 6e1e0d5a seen working)
     VSF_NEO_PYTHON=<its venv's python>  (tests/e2e/setup_neo_env.sh builds both)
 
-Optional: VSF_NEO_FAMILIES (space-separated, default "sd15"; also "flux", "chroma", "wan": each needs a
-5-7 GB checkpoint with full-size T5/UMT5, built by make_tiny_neo_checkpoint.py when missing), plus the
+Optional: VSF_NEO_FAMILIES (space-separated, default "sd15"; also "sdxl" (a 2 GB checkpoint), "flux",
+"chroma", "wan" (each a 5-7 GB checkpoint with full-size T5/UMT5); a missing checkpoint is built by
+make_tiny_neo_checkpoint.py), plus the
 harness knobs of webui_server.py (VSF_E2E_PORT, VSF_E2E_LOG_DIR, VSF_E2E_STARTUP_TIMEOUT, ...).
 
 One `launch.py --nowebui --api --cpu` server per family on 127.0.0.1, this repository linked as
@@ -65,6 +66,7 @@ pytestmark = pytest.mark.skipif(
 # Per family: Neo's UI preset (forge_preset) and what its requests need.
 FAMILY = {
     "sd15": {"preset": "sd", "request": {}},
+    "sdxl": {"preset": "xl", "request": {}},
     "flux": {"preset": "flux", "request": {"distilled_cfg_scale": 3.5}},
     "chroma": {"preset": "flux", "request": {}},
     "wan": {"preset": "wan", "request": {}},
