@@ -258,11 +258,13 @@ def main() -> int:
     t0 = time.time()
     rnd = RandomTensors(args.seed if args.seed is not None else SEEDS[args.family])
     sd = BUILDERS[args.family](neo, rnd)
-    guess = huggingface_guess.guess(dict(sd))
-    print(f"{args.family}: {len(sd)} tensors; Neo detects {type(guess).__name__}", flush=True)
-    if type(guess).__name__ != DETECTED[args.family]:
-        print(f"Neo's detection picks {type(guess).__name__}, not {DETECTED[args.family]}: nothing written",
-              file=sys.stderr)
+    try:
+        detected = type(huggingface_guess.guess(dict(sd))).__name__
+    except AttributeError:  # guess() dereferences the None that "no match" gives
+        detected = "no model (no match)"
+    print(f"{args.family}: {len(sd)} tensors; Neo detects {detected}", flush=True)
+    if detected != DETECTED[args.family]:
+        print(f"Neo's detection picks {detected}, not {DETECTED[args.family]}: nothing written", file=sys.stderr)
         return 1
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".partial"
