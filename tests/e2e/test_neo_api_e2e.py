@@ -173,7 +173,11 @@ def test_baseline_is_plain(neo):
 
 @pytest.mark.parametrize("form", ["positional", "dict"])
 def test_a_vsf_runs_from_api(neo, form):
-    args = neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2}) if form == "positional" else [dict(VSF)]
+    # "Custom": a positional list at the UI defaults with the preset left at "Model default" gets the
+    # model's own numbers (Flux: alpha 6.0), since 3.3 and 0.2 are the sliders' defaults; the dict form
+    # names its numbers, so they hold on every family.
+    args = (neo.vsf_positional({"method": "VSF", "preset": "Custom", "alpha": 3.3, "beta": 0.2})
+            if form == "positional" else [dict(VSF)])
     data = neo.txt2img_ok(f"[{neo.family}] (a) VSF {form} args", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
     _assert_vsf_infotext(infotexts(data)[0])
     assert max_diff(image(data), image(neo.baseline)) > 0, "VSF image equals the unguided one"
