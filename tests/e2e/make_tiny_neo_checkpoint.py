@@ -1,6 +1,6 @@
 """Random-weight single-file checkpoints that Forge Neo loads, for the opt-in e2e tests.
 
-    python make_tiny_neo_checkpoint.py --neo-dir NEO --family {sd15,flux,chroma,wan} [--out FILE] [--seed N]
+    python make_tiny_neo_checkpoint.py --neo-dir NEO --family {sd15,sdxl,flux,chroma,wan} [--out FILE] [--seed N]
 
 Run it with Neo's own python (its venv): the tensor names and shapes come from Neo's own model classes,
 built on the meta device, so what is written is exactly what Neo's loader expects. Values are random
@@ -9,6 +9,11 @@ output layer, so cross-attention (and with it the negative prompt) changes the i
 
 What Neo's detection fixes, and so what each family costs on disk:
   sd15    the whole UNet at full size (detection matches SD1.5 by its exact UNet config), CLIP-L, VAE (fp16): 2.1 GB
+  sdxl    detection matches SDXL on model_channels 320, transformer_depth [0, 0, 2, 2, 10, 10] (the input
+          blocks), context 2048, ADM 2816 and linear proj_in only, and reads the rest from the tensors: so
+          channel_mult [1, 1, 1] (every level 320 wide), one transformer per output block and in the
+          middle; full CLIP-L and CLIP-bigG (open_clip names, as in SDXL checkpoints; Neo converts them)
+          and the SDXL VAE (fp16): about 2 GB
   flux    transformer hidden 256 (2 heads, 1 double + 1 single block; Neo sizes it from the tensors, and
           looks for BFL names such as `key_norm.scale`), full CLIP-L, full T5-XXL stored in fp8 (its bundled
           config fixes the size), full Flux VAE: about 5.1 GB
@@ -104,6 +109,58 @@ def build_sd15(neo: str, rnd: RandomTensors) -> dict:
     return sd
 
 
+def _open_clip_names(hf: dict, layers: int) -> dict:
+    """A transformers CLIPTextModelWithProjection state dict under open_clip's names, the layout SDXL
+    checkpoints store CLIP-bigG in (`conditioner.embedders.1.model.`): the inverse of Neo's
+    `clip_text_transformers_convert` (q/k/v joined into in_proj, text_projection transposed)."""
+    import torch
+
+    t = "text_model."
+    out = {"token_embedding.weight": hf[t + "embeddings.token_embedding.weight"],
+           "positional_embedding": hf[t + "embeddings.position_embedding.weight"],
+           "ln_final.weight": hf[t + "final_layer_norm.weight"], "ln_final.bias": hf[t + "final_layer_norm.bias"],
+           "text_projection": hf["text_projection.weight"].t().contiguous()}
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+             "self_attn.out_proj": "attn.out_proj"}
+    for i in range(layers):
+        src, dst = f"{t}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for a, b in names.items():
+            for leaf in ("weight", "bias"):
+                out[f"{dst}{b}.{leaf}"] = hf[f"{src}{a}.{leaf}"]
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat(
+                [hf[f"{src}self_attn.{q}_proj.{leaf}"] for q in ("q", "k", "v")]).contiguous()
+    return out
+
+
+def build_sdxl(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.unet import IntegratedUNet2DConditionModel
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    hf = os.path.join(neo, "backend", "huggingface", "stabilityai", "stable-diffusion-xl-base-1.0")
+    # transformer_depth (input blocks), model_channels, context_dim, adm_in_channels and
+    # use_linear_in_transformer are what detection compares with SDXL's; channel widths, the output
+    # blocks' and the middle block's depth are read from the tensors, so they stay small.
+    unet = dict(in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2],
+                channel_mult=[1, 1, 1], transformer_depth=[0, 0, 2, 2, 10, 10],
+                transformer_depth_output=[0, 0, 0, 1, 1, 1, 1, 1, 1], transformer_depth_middle=1,
+                context_dim=2048, num_heads=-1, num_head_channels=64, use_spatial_transformer=True,
+                use_linear_in_transformer=True, num_classes="sequential", adm_in_channels=2816)
+    sd = rnd.module(lambda: IntegratedUNet2DConditionModel(**unet), "model.diffusion_model.", torch.float16)
+    vae_cfg = IntegratedAutoencoderKL.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: IntegratedAutoencoderKL.from_config(vae_cfg), "first_stage_model.", torch.float16))
+    clip_l = CLIPTextConfig.from_pretrained(os.path.join(hf, "text_encoder"))
+    sd.update(rnd.module(lambda: CLIPTextModel(clip_l), "conditioner.embedders.0.transformer.", torch.float16,
+                         skip=("position_ids",)))
+    clip_g = CLIPTextConfig.from_pretrained(os.path.join(hf, "text_encoder_2"))
+    g = rnd.module(lambda: CLIPTextModelWithProjection(clip_g), "", torch.float16, skip=("position_ids",))
+    sd.update({"conditioner.embedders.1.model." + k: v
+               for k, v in _open_clip_names(g, clip_g.num_hidden_layers).items()})
+    return sd
+
+
 def _t5(neo_hf_dir: str, prefix: str, rnd: RandomTensors) -> dict:
     import torch
     from backend.nn.t5 import IntegratedT5
@@ -178,8 +235,10 @@ def build_wan(neo: str, rnd: RandomTensors) -> dict:
     return sd
 
 
-BUILDERS = {"sd15": build_sd15, "flux": build_flux, "chroma": build_chroma, "wan": build_wan}
-SEEDS = {"sd15": 1234, "flux": 4321, "chroma": 99, "wan": 777}
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "flux": build_flux, "chroma": build_chroma, "wan": build_wan}
+# the class Neo's detection (huggingface_guess.model_list) must pick for each family's checkpoint
+DETECTED = {"sd15": "SD15", "sdxl": "SDXL", "flux": "Flux", "chroma": "Chroma", "wan": "WAN21_T2V"}
+SEEDS = {"sd15": 1234, "sdxl": 2468, "flux": 4321, "chroma": 99, "wan": 777}
 
 
 def main() -> int:
@@ -199,8 +258,14 @@ def main() -> int:
     t0 = time.time()
     rnd = RandomTensors(args.seed if args.seed is not None else SEEDS[args.family])
     sd = BUILDERS[args.family](neo, rnd)
-    guess = huggingface_guess.guess(dict(sd))
-    print(f"{args.family}: {len(sd)} tensors; Neo detects {type(guess).__name__}", flush=True)
+    try:
+        detected = type(huggingface_guess.guess(dict(sd))).__name__
+    except AttributeError:  # guess() dereferences the None that "no match" gives
+        detected = "no model (no match)"
+    print(f"{args.family}: {len(sd)} tensors; Neo detects {detected}", flush=True)
+    if detected != DETECTED[args.family]:
+        print(f"Neo's detection picks {detected}, not {DETECTED[args.family]}: nothing written", file=sys.stderr)
+        return 1
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".partial"
     save_file(sd, tmp)

@@ -5,8 +5,9 @@ Skipped unless both are set:
     VSF_NEO_DIR=<Neo checkout>         (Forge Neo 6e1e0d5a seen working)
     VSF_NEO_PYTHON=<its venv's python>  (tests/e2e/setup_neo_env.sh builds both)
 
-Optional: VSF_NEO_FAMILIES (space-separated, default "sd15"; also "flux", "chroma", "wan": each needs a
-5-7 GB checkpoint with full-size T5/UMT5, built by make_tiny_neo_checkpoint.py when missing), plus the
+Optional: VSF_NEO_FAMILIES (space-separated, default "sd15"; also "sdxl" (a 2 GB checkpoint), "flux",
+"chroma", "wan" (each a 5-7 GB checkpoint with full-size T5/UMT5); a missing checkpoint is built by
+make_tiny_neo_checkpoint.py), plus the
 harness knobs of webui_server.py (VSF_E2E_PORT, VSF_E2E_LOG_DIR, VSF_E2E_STARTUP_TIMEOUT, ...).
 
 One `launch.py --nowebui --api --cpu` server per family on 127.0.0.1, this repository linked as
@@ -69,6 +70,7 @@ pytestmark = pytest.mark.skipif(
 # Per family: Neo's UI preset (forge_preset) and what its requests need.
 FAMILY = {
     "sd15": {"preset": "sd", "request": {}},
+    "sdxl": {"preset": "xl", "request": {}},
     "flux": {"preset": "flux", "request": {"distilled_cfg_scale": 3.5}},
     "chroma": {"preset": "flux", "request": {}},
     "wan": {"preset": "wan", "request": {}},
@@ -175,7 +177,11 @@ def test_baseline_is_plain(neo):
 
 @pytest.mark.parametrize("form", ["positional", "dict"])
 def test_a_vsf_runs_from_api(neo, form):
-    args = neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2}) if form == "positional" else [dict(VSF)]
+    # "Custom": a positional list at the UI defaults with the preset left at "Model default" gets the
+    # model's own numbers (Flux: alpha 6.0), since 3.3 and 0.2 are the sliders' defaults; the dict form
+    # names its numbers, so they hold on every family.
+    args = (neo.vsf_positional({"method": "VSF", "preset": "Custom", "alpha": 3.3, "beta": 0.2})
+            if form == "positional" else [dict(VSF)])
     data = neo.txt2img_ok(f"[{neo.family}] (a) VSF {form} args", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
     _assert_vsf_infotext(infotexts(data)[0])
     assert max_diff(image(data), image(neo.baseline)) > 0, "VSF image equals the unguided one"
