@@ -211,6 +211,9 @@ def test_adapter_matches_neo_models_only(neo):
 
     assert NeoFluxAdapter.matches(Holder(build_flux(flux)))
     assert NeoFluxAdapter.matches(Holder(build_chroma(chroma)))
+    # "Model default" follows the family: Flux's lambda rule for Flux, Chroma's own default (no lambda)
+    assert NeoFluxAdapter(Holder(build_flux(flux))).family == "flux"
+    assert NeoFluxAdapter(Holder(build_chroma(chroma))).family == "chroma"
     assert not NeoFluxAdapter.matches(Holder(torch.nn.Linear(2, 2)))
     assert not NeoFluxAdapter.matches(object())
 

@@ -93,6 +93,13 @@ class NeoFluxAdapter(HostAdapter):
     label = "Forge Neo Flux/Chroma"
     priority = 20  # before Forge's Flux adapter: both see backend.nn.flux models
 
+    def __init__(self, sd_model: Any):
+        super().__init__(sd_model)
+        # Chroma takes its own family default (no lambda rule: it is trained with real CFG on negatives;
+        # see lib_vsf/diffusers/chroma.py), the same as in the diffusers path. A lambda the user sets is used.
+        if class_is(diffusion_model(sd_model), CHROMA_MODULE, "IntegratedChromaTransformer2DModel"):
+            self.family = "chroma"
+
     @classmethod
     def matches(cls, sd_model: Any) -> bool:
         model = diffusion_model(sd_model)
