@@ -411,3 +411,30 @@ def test_cross_positive_mask_leaves_padded_keys_out(method):
 
 def tau_cap(ratio, tau):
     return tau / ratio if ratio > tau else 1.0
+
+
+@pytest.mark.parametrize("order", sorted(ORDERS))
+def test_alpha_zero_beta_inf_with_positive_mask_is_the_models_masked_pass_bit_for_bit(order):
+    """The model's own pass (Chroma: SDPA over its sequence without N, with the boolean mask m_i * m_j of
+    its tokens) and alpha 0, beta +inf agree bit for bit on every row the model defines (rows of real
+    tokens: the model leaves a padded query row with no key at all). float32 and a sequence long enough
+    for a different summation order to show (the gathered-keys LSE pass is a few ULPs off)."""
+    counts = {"I": 40, "R": 8, "P": 24, "N": 5}
+    positive_mask = torch.ones(2, counts["P"], dtype=torch.bool)
+    positive_mask[0, 9:] = False  # prompt, EOS, one kept pad token; the rest padding
+    positive_mask[1, 20:] = False
+    layout, roles = build(ORDERS[order], counts, positive_mask=positive_mask)
+    q, k, v = qkv(layout.length, seed=19, dtype=torch.float32)
+    q, k, v = (t.repeat(1, 1, 1, 4) for t in (q, k, v))  # head dim 32
+    out = joint_attention(q, k, v, layout, Guidance("vsf", 0.0, math.inf))
+    keep = [i for i, r in enumerate(roles) if r != "N"]
+    p_at = [i for i, r in enumerate(roles) if r == "P"]
+    for b in range(2):
+        real = torch.ones(layout.length, dtype=torch.bool)
+        real[p_at] = positive_mask[b]
+        m = real[keep]
+        model_mask = m[None, :] & m[:, None]  # [L, L]: the model's outer-product mask
+        own = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1, :, keep], k[b:b + 1, :, keep], v[b:b + 1, :, keep], attn_mask=model_mask)
+        defined = [i for i, ok in zip(keep, m.tolist()) if ok]
+        assert torch.equal(out[b, :, defined], own[0][:, m]), f"sample {b}"

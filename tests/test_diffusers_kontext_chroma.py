@@ -372,13 +372,15 @@ def test_kontext_attention_is_the_spec_with_reference_rows_and_columns(pipes):
 
 
 def chroma_roles(pipe, prompts, negatives, positive_len):
-    real_pos = [len(pipe.tokenizer(p).input_ids) + 1 for p in prompts]  # tokens, EOS, one kept pad token
+    # tokens, EOS and one kept pad token; a prompt cut at max_sequence_length keeps all its positions
+    real_pos = [min(len(pipe.tokenizer(p).input_ids) + 1, positive_len) for p in prompts]
     real_neg = [len(pipe.tokenizer(x).input_ids) for x in negatives]
     n = max(real_neg)
 
     def roles(b, length):
         assert length == n + positive_len + 16
         text = n + positive_len
+        assert n + real_pos[b] <= text, "real positive tokens past the positive span"
         return list(range(text, length)), list(range(n, n + real_pos[b])), [], list(range(real_neg[b]))
 
     return roles

@@ -16,6 +16,8 @@ rows (the negative text stream, few queries) attend {I, R, N0}: every key but P,
 The model's own positive-text mask (`TokenLayout.positive_mask`: padded positive positions are keys for
 nobody) keeps the big pass maskless: the samples are grouped by their mask (usually one group) and each
 group's pass runs over its real keys only, gathered (`_context_pass`). N0 rows never see P anyway.
+With beta = +inf (N1 removed) those rows are the model's own masked pass, so they run as it does: one
+SDPA call with the padding as a key mask, bit for bit the model's output (`_masked_unguided_rows`).
 
 Which kernel returns the LSE depends on device, dtype and torch version (2.1 .. 2.13): `attention_lse`
 tries the candidates in order on first use for a (device, dtype, head_dim), checks each against plain
@@ -543,6 +545,8 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
     valid = _padding_mask(layout, batch, device)
 
     ip = _positions(_gaps(length, (neg,)), device)  # {I, P, R} in sequence order
+    if math.isinf(beta) and layout.positive_mask is not None:  # N1 removed: the model's own masked pass
+        return _masked_unguided_rows(q, k, v, layout, ip, image_pieces, valid, scale, negative_share)
     image = _positions(image_pieces, device)
     image_in_ip = _positions(_shift_past(image_pieces, neg), device)
     pos_in_ip = slice(*_shift_past([(pos.start, pos.stop)], neg)[0])
@@ -567,6 +571,26 @@ def vsf_joint(q, k, v, layout: TokenLayout, alpha: float, beta: float, scale=Non
 
     # N0 rows (few queries): one SDPA call over the whole sequence with an n x L key mask (no copies).
     _negative_rows_into(q_n, k, v, layout, valid, scale, out[:, :, neg])
+    return out
+
+
+def _masked_unguided_rows(q, k, v, layout: TokenLayout, ip, image_pieces, valid, scale, negative_share):
+    """VSF with beta = +inf and a positive mask: A- = 0, so every {I, P, R} row is plain attention over
+    {I, real P, R}, the model's own masked pass, and runs as the model runs it: one SDPA call over those
+    rows with the padding as a key mask. (The maskless LSE pass over the gathered real keys of
+    `_context_pass` is exact too, but sums in another order: a few ULPs off the model's masked kernel.)
+    N0 rows as always."""
+    batch, device = q.shape[0], q.device
+    keys = torch.ones(batch, layout.length, dtype=torch.bool, device=device)
+    keys[:, layout.positive] = layout.positive_valid(batch, device)
+    keys = keys[:, ip] if isinstance(ip, slice) else keys.index_select(1, ip)
+    out = torch.empty_like(q)
+    _put(out, ip, F.scaled_dot_product_attention(_take(q, ip), _take(k, ip), _take(v, ip),
+                                                 attn_mask=keys[:, None, None, :], scale=scale))
+    if negative_share is not None:  # A- = 0: no mass on the negative
+        rows = sum(b - a for a, b in image_pieces)
+        negative_share.add(torch.zeros(batch, rows, dtype=torch.float32, device=device))
+    _negative_rows_into(q[:, :, layout.negative], k, v, layout, valid, scale, out[:, :, layout.negative])
     return out
 
 
