@@ -88,6 +88,24 @@ def encode_each(prompts: Sequence[str], encode_one: Callable[[str], torch.Tensor
     return NegativeText.from_sequences([r.detach().clone() for r in rows])
 
 
+def encode_with_engine(sd_model: Any, engine: Any, prompts: Sequence[str]) -> NegativeText:
+    """Each negative through a Forge-family text engine that pads nothing (Neo's Qwen3 and Qwen2.5-VL
+    engines): `engine([prompt])[0]` is that prompt's own conditioning, as its negative pass sees it. The
+    text encoder is loaded onto the device first, as the host's own conditioning call does."""
+    try:
+        from backend import memory_management  # type: ignore[import-not-found]
+
+        memory_management.load_model_gpu(sd_model.forge_objects.clip.patcher)
+    except (ImportError, AttributeError):
+        pass
+
+    def encode(prompt: str) -> torch.Tensor:
+        with torch.inference_mode():
+            return engine([prompt])[0].clone()
+
+    return encode_each(list(prompts), encode)
+
+
 def t5_null_embedding(engine: Any) -> torch.Tensor:
     """`p0` of paper eq. 10 (`lib_vsf.flux_lambda.null_embedding`) through a Forge / Neo T5 text engine:
     the empty prompt padded to the engine's own prompt length (`min_length`; engines that pad nothing,

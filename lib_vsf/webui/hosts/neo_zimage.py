@@ -184,18 +184,7 @@ class NeoZImageAdapter(HostAdapter):
     def encode_negative(self, p: Any, negative_prompts: Sequence[str], settings: VSFSettings) -> NegativeText:
         """Neo's Qwen3 engine on each negative (it does not pad): the negative pass's own conditioning."""
         engine = self.sd_model.text_processing_engine_gemma
-        try:
-            from backend import memory_management  # type: ignore[import-not-found]
-
-            memory_management.load_model_gpu(self.sd_model.forge_objects.clip.patcher)
-        except (ImportError, AttributeError):
-            pass
-
-        def encode(prompt: str) -> torch.Tensor:
-            with torch.inference_mode():
-                return engine([prompt])[0].clone()
-
-        return _negative_text.encode_each(list(negative_prompts), encode)
+        return _negative_text.encode_with_engine(self.sd_model, engine, negative_prompts)
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         _forge_sampling.attach_forge(p, ctx)
