@@ -560,6 +560,11 @@ def main(argv=None) -> int:
             if checks.get(f"profile_{name}"):
                 print(f"forward profile, {name}:\n" + checks[f"profile_{name}"])
         print("  forward checks:", json.dumps({k: v for k, v in checks.items() if not k.startswith("profile_")}))
+    return _finish(args, out, t0)
+
+
+def _finish(args, out, t0) -> int:
+    """Record the run's wall time and write the JSON report when `--json` asks for one."""
     out["elapsed_s"] = round(time.perf_counter() - t0, 1)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
@@ -594,13 +599,7 @@ def _backend_main(args, out, preset, device, dtype, warmup, t0) -> int:
         print("  checks:", json.dumps(res["forward_check"]))
     elif "forward_check" in res:
         print("  forward:", json.dumps(res["forward_check"]))
-    out["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
-        print("wrote", args.json)
-    return 0
+    return _finish(args, out, t0)
 
 
 if __name__ == "__main__":
