@@ -79,7 +79,7 @@ def count_aten_ops(fn) -> dict | None:
 def using_backend(name: str, device: torch.device):
     """VSF's LSE pass on `name` for a while: the host preference on CUDA, forced elsewhere (the
     preference is CUDA-only); "sdpa" is the automatic aten choice. Caches reset on the way in and out."""
-    from .runner import forced_backend
+    from .measure import forced_backend
 
     previous = backends.set_preferred_backend(None if name == "sdpa" else name)
     force = name if name != "sdpa" and device.type != "cuda" else None
@@ -126,7 +126,7 @@ def attention_rows(p, device, dtype, name, warmup, repeats, batch=1) -> tuple[di
     from ..attention import Guidance, cross_attention, joint_attention
     from ..attention.reference import vsf_cross_reference, vsf_joint_reference
     from ..layout import text_layout
-    from .runner import METHODS, _heads_view, timed
+    from .measure import METHODS, heads_view, timed
 
     plain = backends.plain_attention(name)
     gen = torch.Generator().manual_seed(0)
@@ -136,15 +136,15 @@ def attention_rows(p, device, dtype, name, warmup, repeats, batch=1) -> tuple[di
         length = li + lp + n
         layout = (text_layout(lp, n, negative_first=True, total=length) if p.negative_first
                   else text_layout(lp, n, offset=li))
-        q, k, v = (_heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
+        q, k, v = (heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
         keep = slice(n, length) if p.negative_first else slice(0, li + lp)
         qu, ku, vu = q[:, :, keep], k[:, :, keep], v[:, :, keep]
         guided = lambda: joint_attention(q, k, v, layout, vsf)  # noqa: E731
         reference = lambda: vsf_joint_reference(q, k, v, layout, vsf.alpha, vsf.beta)  # noqa: E731
     else:
         layout = text_layout(lp, n)
-        q = _heads_view(batch, h, li, d, device, dtype, gen)
-        k, v = (_heads_view(batch, h, lp + n, d, device, dtype, gen) for _ in range(2))
+        q = heads_view(batch, h, li, d, device, dtype, gen)
+        k, v = (heads_view(batch, h, lp + n, d, device, dtype, gen) for _ in range(2))
         qu, ku, vu = q, k[:, :, :lp], v[:, :, :lp]
         guided = lambda: cross_attention(q, k, v, layout, vsf)  # noqa: E731
         reference = lambda: vsf_cross_reference(q, k, v, layout, vsf.alpha, vsf.beta)  # noqa: E731
@@ -174,7 +174,7 @@ def forward_rows(p, device, dtype, name, warmup, repeats, batch=1) -> tuple[dict
     except Exception as err:  # noqa: BLE001
         return {}, {"skipped": f"whole forward needs diffusers and lib_vsf.diffusers: {err!r:.200}"}
     from .models import build_model
-    from .runner import METHODS, _batch2, guided_inputs, timed
+    from .measure import METHODS, cfg_batch, guided_inputs, timed
 
     torch.manual_seed(0)
     model = build_model(p, device, dtype)
@@ -191,7 +191,7 @@ def forward_rows(p, device, dtype, name, warmup, repeats, batch=1) -> tuple[dict
         check["model_attention"] = model_backend
         rows["unguided"] = {**timed(lambda: fwd(kwargs), device, warmup, repeats), "ratio": 1.0}
         base = rows["unguided"]["median_ms"]
-        cfg_kwargs = _batch2(kwargs, batch)
+        cfg_kwargs = cfg_batch(kwargs, batch)
         rows["cfg"] = timed(lambda: fwd(cfg_kwargs), device, warmup, repeats, base)
         del cfg_kwargs
         with using_backend(name, device), guided_inputs(model, p, METHODS["vsf"], kwargs, negative) as gkw:

@@ -28,54 +28,24 @@ import statistics
 import sys
 import time
 import warnings
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..attention import fast as attention_fast
-from ..attention import Guidance, cross_attention, joint_attention
+from ..attention import cross_attention, joint_attention
 from ..attention.reference import vsf_cross_reference, vsf_joint_reference
+from .measure import (METHODS, cfg_batch, forced_backend, guided_inputs, heads_view, sync, timed,
+                      triton_disabled)
 from .models import PRESETS, Preset, build_model
 from ..layout import IMAGE, NEGATIVE, TokenLayout, text_layout
 
-METHODS = {  # name -> Guidance used for the attention call and the forward
-    "vsf": Guidance("vsf", 3.3, 0.2),
-    "nag": Guidance("nag", 4.0, 0.125, 2.5),
-    "nasa": Guidance("nasa", 0.15, 0.0),
-}
 ROWS = ("unguided", "cfg", "vsf_reference", "vsf_dense_sdpa", "vsf_fast", "vsf_fast_torch", "vsf_fast_map", "nag",
         "nasa")  # vsf_fast_map: vsf_fast recording the negative-attention map (--negative-map)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Timing
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int, baseline_ms=None) -> dict:
-    """Median wall time of `fn` (synchronised) and the peak memory it reached (CUDA only)."""
-    with torch.no_grad():
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(max(1, repeats)):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1000.0)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    med = statistics.median(times)
-    return {"median_ms": round(med, 4), "min_ms": round(min(times), 4), "repeats": len(times),
-            "ratio": None if not baseline_ms else round(med / baseline_ms, 3),
-            "peak_mib": None if peak is None else round(peak, 1)}
 
 
 def _fits(n_bytes: float, device: torch.device) -> bool:
@@ -132,37 +102,6 @@ def vsf_implementation(joint=None, cross=None):
         attention_fast.vsf_joint, attention_fast.vsf_cross = saved
 
 
-@contextlib.contextmanager
-def _attention_env(name: str, value: str | None):
-    """Set (a string) or unset (None) one of the fast path's environment switches for a while, with
-    the cached kernel choices reset on the way in and out."""
-    saved = os.environ.get(name)
-    try:
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-        attention_fast.reset_backend_cache()
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-        attention_fast.reset_backend_cache()
-
-
-def forced_backend(name: str | None):
-    """Force one LSE backend (VSF_ATTENTION_BACKEND) for a while; None = automatic choice."""
-    return _attention_env("VSF_ATTENTION_BACKEND", name)
-
-
-def triton_disabled(disabled: bool = True):
-    """Keep the fast path off the optional Triton kernels for a while (VSF_TRITON=0): the torch-only
-    variant, timed as `vsf_fast_torch` beside `vsf_fast` (which uses them where usable)."""
-    return _attention_env("VSF_TRITON", "0") if disabled else contextlib.nullcontext()
-
-
 def triton_report(device, dtype, head_dim) -> dict:
     """Triton version and which fused kernels the automatic choice uses here."""
     try:
@@ -176,12 +115,6 @@ def triton_report(device, dtype, head_dim) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------
 # One attention call at the preset's shapes
-
-
-def _heads_view(batch, heads, length, dim, device, dtype, gen):
-    """[B, H, L, D] as diffusers produces it: a transposed view of [B, L, H, D]."""
-    t = torch.randn(batch, length, heads, dim, generator=gen, device="cpu", dtype=torch.float32)
-    return t.to(device=device, dtype=dtype).transpose(1, 2)
 
 
 def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True,
@@ -200,7 +133,7 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
                                  reference=slice(length - r, length) if r else None)
         else:  # [I, P, N0]
             layout = text_layout(lp, n, offset=li)
-        q, k, v = (_heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
+        q, k, v = (heads_view(batch, h, length, d, device, dtype, gen) for _ in range(3))
         keep = slice(n, length) if p.negative_first else slice(0, li + lp)  # {I, P}: contiguous in both
         qu, ku, vu = q[:, :, keep], k[:, :, keep], v[:, :, keep]
         guided = lambda g, **kw: joint_attention(q, k, v, layout, g, **kw)  # noqa: E731
@@ -210,8 +143,8 @@ def attention_section(p: Preset, device, dtype, warmup, repeats, batch=1, refere
         dense_bytes = 2 * batch * length * (length + n) * q.element_size()
     else:
         layout = text_layout(lp, n)
-        q = _heads_view(batch, h, li, d, device, dtype, gen)
-        k, v = (_heads_view(batch, h, lp + n, d, device, dtype, gen) for _ in range(2))
+        q = heads_view(batch, h, li, d, device, dtype, gen)
+        k, v = (heads_view(batch, h, lp + n, d, device, dtype, gen) for _ in range(2))
         qu, ku, vu = q, k[:, :, :lp], v[:, :, :lp]
         guided = lambda g, **kw: cross_attention(q, k, v, layout, g, **kw)  # noqa: E731
         ref_fn = lambda: vsf_cross_reference(q, k, v, layout, alpha, beta)  # noqa: E731
@@ -304,11 +237,11 @@ def _profile(fn, device) -> str | None:
 
         with torch.no_grad():
             fn()  # first-use work (backend and kernel checks, compilation) stays out of the table
-            _sync(device)
+            sync(device)
         with torch.no_grad(), profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 fn()
-            _sync(device)
+            sync(device)
         return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=18, max_name_column_width=60)
     except Exception as err:  # noqa: BLE001
         return f"profiler failed: {err!r:.200}"
@@ -316,55 +249,6 @@ def _profile(fn, device) -> str | None:
 
 # ---------------------------------------------------------------------------------------------------------
 # One whole transformer forward
-
-
-@contextlib.contextmanager
-def guided_inputs(model, p: Preset, guidance: Guidance, kwargs: dict, negative: torch.Tensor,
-                  negative_map: bool = False):
-    """Install `lib_vsf.diffusers`' processors of the preset's family on a bare transformer for one
-    step with `negative` [B, n, E] appended to the text stream; yields the forward kwargs. The
-    original processors are restored on exit. Isolated here: this is the only place that knows the
-    adapter API."""
-    from ..diffusers.guidance import FAMILIES
-    from ..settings import VSFSettings
-    from ..state import GuidanceRun, NegativeText
-
-    from types import SimpleNamespace
-
-    adapter = next(f() for f in FAMILIES if f.family == p.family)
-    settings = VSFSettings(guidance.method, alpha=guidance.alpha, beta=guidance.beta, tau=guidance.tau)
-    run = GuidanceRun(settings, negative_first=adapter.negative_first)
-    if negative_map:
-        run.record_negative_map()
-    (_, table), = adapter.denoisers(SimpleNamespace(transformer=model))  # what holds the processors
-    originals = dict(table.attn_processors)
-    ours = {name: adapter.processor_for(name, proc, run) or proc for name, proc in originals.items()}
-    text = NegativeText(negative, torch.ones(negative.shape[:2], dtype=torch.bool, device=negative.device))
-
-    def add_negative(module, args, kw):  # the part of VSFGuidance's step hook a guided step needs
-        run.set_step(0, 1)
-        run.set_text(adapter.positive_length(kw), text, adapter.negative_first)
-        return args, adapter.extend_inputs(kw, text)
-
-    table.set_attn_processor(ours)
-    hook = adapter.register_step_hook(table, add_negative)
-    try:
-        yield kwargs
-    finally:
-        hook.remove()
-        table.set_attn_processor(originals)
-
-
-def _batch2(kwargs: dict, batch: int) -> dict:
-    """The CFG batch: every per-sample input twice (position ids are shared; per-sample lists doubled)."""
-    def doubled(k, t):
-        if isinstance(t, list) and len(t) == batch:
-            return t + t
-        if torch.is_tensor(t) and t.dim() and t.shape[0] == batch and not k.endswith("_ids"):
-            return torch.cat([t, t])
-        return t
-
-    return {k: doubled(k, t) for k, t in kwargs.items()}
 
 
 def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, reference=True, ab_rounds=0,
@@ -396,7 +280,7 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
     with torch.no_grad():
         res["unguided"] = {**timed(lambda: fwd(kwargs), device, warmup, repeats), "ratio": 1.0}
         bm = res["unguided"]["median_ms"]
-        cfg_kwargs = _batch2(kwargs, batch)
+        cfg_kwargs = cfg_batch(kwargs, batch)
         res["cfg"] = timed(lambda: fwd(cfg_kwargs), device, warmup, repeats, bm)
         del cfg_kwargs
         outputs = {}
