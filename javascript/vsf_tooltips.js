@@ -14,6 +14,7 @@
         end: "Guidance stops at this fraction of the steps (1 = until the end). Outside the window the step is the plain pass.",
         single_pass: "Run one conditional pass (CFG scale treated as 1): VSF replaces CFG, so the image costs one model call per step. Off: CFG runs as usual and VSF is added to its conditional pass.",
         show_map: "Add one image per output: a heatmap over the image of the share of attention that goes to the flipped negative prompt (VSF only; NAG and NASA have no such share). The image itself is unchanged. The note under the image gives the mean and maximum share.",
+        negative_image: "Optional, for edit models that take reference images (Flux Kontext, Qwen-Image-Edit on Forge Neo): a picture the result should move away from, applied like the negative prompt (both together form one negative). Resized to the output size and encoded like an input image. Other models refuse it. The infotext records a hash of it, not the image, so pasting cannot restore it.",
     };
     const UNIQUE_LABELS = {
         "Value Sign Flip": VSF_TIPS.enabled,
@@ -24,6 +25,7 @@
         "End (fraction of steps)": VSF_TIPS.end,
         "Single pass (replace CFG)": VSF_TIPS.single_pass,
         "Show where the negative acts": VSF_TIPS.show_map,
+        "Negative image (Flux Kontext, Qwen-Image-Edit)": VSF_TIPS.negative_image,
     };
     if (typeof titles === "object" && titles !== null) {
         Object.assign(titles, UNIQUE_LABELS);

@@ -209,6 +209,10 @@ class GuidanceRun:
     negative_mask: torch.Tensor | None = None
     negative_first: bool = False
     negative_image_len: int = 0
+    # A negative image as the host's model takes it, for adapters whose model builds its image stream
+    # itself (Forge Neo: a `ReferenceLatent` its `forward` appends as one more reference); a model call
+    # carries it when `set_text` was given its `negative_image_len`. None without a negative image.
+    negative_image: Any = None
     calls: int = field(default=0)  # attention calls guided so far (for tests and diagnostics)
     # "Where the negative acts" recorder, None unless asked for (`record_negative_map`); the attention
     # callers pass it as `negative_share=`.
@@ -239,10 +243,12 @@ class GuidanceRun:
         return self.positive_len + self.negative_len - self.negative_image_len
 
     def set_text(self, positive_len: int, negative: NegativeText | None, negative_first: bool = False,
-                 negative_image_len: int = 0) -> None:
+                 negative_image_len: int = 0, negative_image_rows: torch.Tensor | None = None) -> None:
         """Record the text stream the model is about to see: positive tokens plus `negative`, and
         `negative_image_len` negative-image tokens first in the image stream (then the text negative
-        must come last in the text stream, so that N is one span)."""
+        must come last in the text stream, so that N is one span). `negative_image_rows` ([B] bool):
+        the samples that carry the image negative (default: all); the others see none of its tokens,
+        as a sample whose text negative is empty sees none of that (CFG's uncond rows in a batch)."""
         self.positive_len = int(positive_len)
         self.negative_first = negative_first
         image_len = int(negative_image_len)
@@ -250,13 +256,21 @@ class GuidanceRun:
             raise ValueError("a negative image follows the text negative: the text stream must be [P, N]")
         text = None if negative is None or negative.is_empty else negative
         self.negative_image_len = image_len
-        if text is None:
-            self.negative_len, self.negative_mask = image_len, None
+        self.negative_len = (0 if text is None else text.length) + image_len
+        if not image_len:
+            self.negative_mask = None if text is None or bool(text.mask.all()) else text.mask
             return
-        self.negative_len = text.length + image_len
-        mask = text.mask
-        if image_len:  # the image negative's tokens are real for every sample
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], image_len)], dim=1)
+        if negative_image_rows is None:  # the image negative's tokens are real for every sample
+            if text is None:
+                self.negative_mask = None
+                return
+            rows = text.mask.new_ones(text.mask.shape[0])
+        else:
+            rows = negative_image_rows.to(dtype=torch.bool)
+        text_mask = rows.new_zeros(rows.shape[0], 0) if text is None else text.mask.to(rows.device)
+        if text_mask.shape[0] != rows.shape[0]:
+            raise ValueError(f"{rows.shape[0]} negative-image rows for {text_mask.shape[0]} negative rows")
+        mask = torch.cat([text_mask, rows[:, None].expand(-1, image_len)], dim=1)
         self.negative_mask = None if bool(mask.all()) else mask
 
     def joint_layout(self, sequence_len: int, text_offset: int, reference: slice | None = None,

@@ -94,11 +94,11 @@ def test_api_object_can_disable_and_keep_cfg():
 def test_show_map_is_off_by_default_and_asked_for_in_either_api_form():
     from lib_vsf.webui.xyz import apply_overrides
 
-    assert UI_DEFAULTS["show_map"] is False and UI_ARGS[-1] == "show_map" and "show_map" in API_KEYS
+    assert UI_DEFAULTS["show_map"] is False and UI_ARGS[9] == "show_map" and "show_map" in API_KEYS
     assert not parse_script_args([True]).show_map and not parse_script_args([{}]).show_map
     as_list = parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, True])
     as_object = parse_script_args([{"show_map": True}])
-    assert as_list.show_map and as_object.show_map and as_list.values()[-1] is True
+    assert as_list.show_map and as_object.show_map and as_list.values()[9] is True
     # it changes nothing else, survives the model default, a preset and an X/Y/Z cell
     assert as_list.settings == parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2]).settings
     assert as_object.for_family("flux").show_map and parse_script_args([{"preset": "NAG", "show_map": True}]).show_map
@@ -123,7 +123,7 @@ def test_show_map_is_off_by_default_and_asked_for_in_either_api_form():
     ([{"single_pass": 0}], "single pass must be true or false"),
     (["true"], "enabled must be true or false"),
     ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0.5, 0.5, True], "must be smaller than end"),
-    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, False, "extra"], "at most"),
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, False, None, "extra"], "at most"),
     ([{"show_map": "yes"}], "show map must be true or false"),
     ([{"show_map": 1}], "show map must be true or false"),
     ([True, "VSF", "VSF Quality", 3.3, 0.2, 0, 0, 1, True, "true"], "show map must be true or false"),

@@ -32,7 +32,7 @@ def test_every_control_has_a_tooltip_keyed_by_its_elem_id():
 def test_unique_labels_in_the_titles_table_are_the_ui_labels():
     labels = set(re.findall(r'^\s*"([^"]+)": VSF_TIPS\.', js_source(), re.M))
     assert labels == {ui.TITLE, *(ui.LABELS[k] for k in ("alpha", "beta", "lambda", "start", "end", "single_pass",
-                                                        "show_map"))}
+                                                        "show_map", "negative_image"))}
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
@@ -44,7 +44,7 @@ def test_tooltips_script_runs_in_a_page_like_global_scope():
             "console.log(Object.keys(titles).length + ' ' + Object.keys(seen).length);")
     out = subprocess.run(["node", "-e", code], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["8", str(2 * len(UI_ARGS))]
+    assert out.stdout.split() == ["9", str(2 * len(UI_ARGS))]
 
 
 def test_install_check_reports_torch_and_installs_nothing():

@@ -10,7 +10,7 @@ from lib_vsf.settings import VSFSettings, VSFSettingsError, parse_infotext
 from lib_vsf.webui import runner
 from webui_host_double import ATTENTION_MODULE, HOST_ATTENTION, DoubleModel, Img2ImgProcessing, Processing, host_double
 
-ON = [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False]
+ON = [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False, None]
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def test_script_is_always_visible_titled_value_sign_flip_with_callbacks_register
     assert host.script.show(False) is host.modules["modules.scripts"].AlwaysVisible
     assert host.callbacks["cfg_denoiser"] == [runner.on_cfg_denoiser]
     assert len(host.callbacks["before_ui"]) == 1
-    assert len(host.components) == 10 and host.ui_defaults()[0] is False
+    assert len(host.components) == 11 and host.ui_defaults()[0] is False
 
 
 # -- a guided generation and its infotext ------------------------------------------------------------------
@@ -56,13 +56,13 @@ def test_disabled_generation_is_exactly_the_host_run(host):
 
 
 def test_infotext_pastes_back_into_the_same_ui_values(host):
-    values = [True, "NAG", "NAG Strong", 11.0, 0.5, 4.0, 0.1, 0.8, False, False]
+    values = [True, "NAG", "NAG Strong", 11.0, 0.5, 4.0, 0.1, 0.8, False, False, None]
     p = host.process_images(Processing(host), values)
     params = parse_infotext(host.infotext(p))
     assert host.paste(params) == values
     assert VSFSettings.from_infotext(params).tau == 5.0  # NAG Strong's tau survives the round trip
     # numbers are written exactly (not to 6 significant digits), so they paste back exactly
-    exact = [True, "VSF", "Custom", 1.23456789, 0.123456789, 7.77777777777, 1.0 / 3.0, 0.987654321, True, False]
+    exact = [True, "VSF", "Custom", 1.23456789, 0.123456789, 7.77777777777, 1.0 / 3.0, 0.987654321, True, False, None]
     assert host.paste(parse_infotext(host.infotext(host.process_images(Processing(host), exact)))) == exact
     # an infotext without VSF switches the accordion off and leaves the rest alone
     assert host.paste(parse_infotext("a cat\nSteps: 4, Sampler: Euler"))[0] is False
@@ -70,7 +70,7 @@ def test_infotext_pastes_back_into_the_same_ui_values(host):
 
 def test_step_window_guides_only_the_steps_inside_it(host):
     p = host.process_images(Processing(host, steps=8),
-                            [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.25, 0.5, True, False])
+                            [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.25, 0.5, True, False, None])
     assert [s["step"] for s in p.trace if s["guided"]] == [2, 3]
     assert all(s["patched"] for s in p.trace)  # patched for the pass; unguided steps run the host's math
 
@@ -109,7 +109,7 @@ def test_no_preset_gives_the_model_family_default_and_the_infotext_says_so(host,
 # -- the HTTP API forms ------------------------------------------------------------------------------------
 
 def test_api_positional_list_and_object_give_the_same_generation_as_the_ui(host):
-    ui = host.process_images(Processing(host), [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.0, 1.0, True, False])
+    ui = host.process_images(Processing(host), [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.0, 1.0, True, False, None])
     as_list = host.process_images(Processing(host), host.api_args([True, "VSF", "VSF Strong", 3.8, 0.2]))
     as_object = host.process_images(Processing(host), host.api_args([{"enabled": True, "preset": "VSF Strong"}]))
     assert ui.extra_generation_params == as_list.extra_generation_params == as_object.extra_generation_params
@@ -300,7 +300,7 @@ def test_every_xyz_cell_uses_its_own_value(host):
 
 def test_xyz_preset_axis_offers_the_model_default(host):
     host.callbacks["before_ui"][0]()
-    ui_window = [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.25, 0.75, True, False]
+    ui_window = [True, "VSF", "VSF Strong", 3.8, 0.2, 0.0, 0.25, 0.75, True, False, None]
     cells = host.run_xyz(Processing(host), [("[VSF] Preset", ["Model default", "VSF Quality"])], ui_window)
     params = [c.extra_generation_params for c in cells]
     assert [(q["VSF preset"], q["VSF alpha"], q["VSF beta"], q["VSF start"]) for q in params] == \
@@ -323,7 +323,7 @@ def test_xyz_confirm_rejects_bad_values_before_the_grid_runs(host):
     (ON, [("[VSF] Method", ["VSF", "NAG"]), ("[VSF] Beta", [0.2, 2.0])],
      "cell [VSF] Method: NAG, [VSF] Beta: 2.0: NAG blend (beta) must be between 0 and 1, got 2"),
     # the UI's end 0.5 with a start axis reaching past it
-    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 0.5, True, False], [("[VSF] Start", [0.0, 0.6])],
+    ([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 0.5, True, False, None], [("[VSF] Start", [0.0, 0.6])],
      "cell [VSF] Start: 0.6: VSF start (0.6) must be smaller than end (0.5)"),
     # the API object's end, with the accordion's arguments given as one dict
     ([{"end": 0.4}], [("[VSF] Alpha", [1.0]), ("[VSF] Start", [0.2, 0.4])],

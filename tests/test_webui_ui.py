@@ -9,7 +9,8 @@ from lib_vsf.webui import ui
 from webui_host_double import host_double
 
 
-UI_ORDER = ["enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map"]
+UI_ORDER = ["enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map",
+            "negative_image"]
 
 
 def by_label(host, name):
@@ -19,13 +20,17 @@ def by_label(host, name):
 def test_controls_labels_defaults_and_ids():
     with host_double() as host:
         labels = [c.label for c in host.components]
-        assert labels[0] == "Value Sign Flip" and labels[-2] == "Single pass (replace CFG)"
-        assert labels[-1] == "Show where the negative acts" and by_label(host, "show_map").value is False
+        assert labels[0] == "Value Sign Flip" and labels[-3] == "Single pass (replace CFG)"
+        assert labels[-2] == "Show where the negative acts" and by_label(host, "show_map").value is False
+        # optional, last (every earlier position kept), an image the script receives as a PIL RGB image
+        image = by_label(host, "negative_image")
+        assert labels[-1] == "Negative image (Flux Kontext, Qwen-Image-Edit)" and type(image).__name__ == "Image"
+        assert image.value is None and (image.kwargs["type"], image.kwargs["image_mode"]) == ("pil", "RGB")
         assert by_label(host, "preset").kwargs["choices"] == ["Model default", *PRESETS, "Custom"]
         assert by_label(host, "preset").value == "Model default"
         assert by_label(host, "method").kwargs["choices"] == ["VSF", "NAG", "NASA"]
         assert by_label(host, "single_pass").value is True
-        assert len({c.elem_id for c in host.components}) == 10
+        assert len({c.elem_id for c in host.components}) == 11
         assert all(c.elem_id.startswith("vsf_txt2img_") for c in host.components)
     with host_double(is_img2img=True) as host:
         assert all(c.elem_id.startswith("vsf_img2img_") for c in host.components)
@@ -48,7 +53,7 @@ def test_preset_fills_the_sliders_and_moving_a_slider_shows_custom():
 
 def test_headless_ui_builds_without_a_blocks_context():
     with host_double(headless=True) as host:  # --nowebui: listeners refused, components still returned
-        assert len(host.components) == 10 and host.ui_defaults()[1] == "VSF"
+        assert len(host.components) == 11 and host.ui_defaults()[1] == "VSF"
         assert all(c.listeners == [] for c in host.components)
 
 

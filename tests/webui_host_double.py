@@ -99,7 +99,7 @@ class _Context(Component):
 def make_gradio() -> types.ModuleType:
     gr = types.ModuleType("gradio")
     gr.__version__ = "double"
-    for name in ("Dropdown", "Slider", "Checkbox", "Radio", "Number", "Textbox", "HTML", "Markdown"):
+    for name in ("Dropdown", "Slider", "Checkbox", "Radio", "Number", "Textbox", "HTML", "Markdown", "Image"):
         setattr(gr, name, type(name, (Component,), {}))
     for name in ("Row", "Column", "Group", "Accordion", "Blocks"):
         setattr(gr, name, type(name, (_Context,), {}))

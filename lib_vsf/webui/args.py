@@ -3,15 +3,19 @@
 The UI's components arrive in `UI_ARGS` order. Through `/sdapi/v1/txt2img` and `img2img`,
 `alwayson_scripts["Value Sign Flip"]["args"]` is copied into those slots verbatim, so two forms arrive:
 
-- the positional list, `[enabled, method, preset, alpha, beta, lambda, start, end, single_pass, show_map]`
-  (missing trailing values keep the UI defaults), where the numbers are what the sliders hold and a
+- the positional list, `[enabled, method, preset, alpha, beta, lambda, start, end, single_pass, show_map,
+  negative_image]` (missing trailing values keep the UI defaults), where the numbers are what the sliders hold and a
   named preset is informational (the UI's preset already filled the sliders); with the preset
   `Model default` (the UI's default) method, alpha, beta and lambda come from the model instead,
   except those that differ from their UI defaults;
 - one object in slot 0, `{"enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end",
-  "single_pass", "show_map", "tau"}`, every key optional: the preset is applied first and explicit numbers
-  override it, no preset meaning `Model default`; `enabled` defaults to true (sending the object asks
-  for VSF).
+  "single_pass", "show_map", "tau", "negative_image"}`, every key optional: the preset is applied first and
+  explicit numbers override it, no preset meaning `Model default`; `enabled` defaults to true (sending the
+  object asks for VSF).
+
+`negative_image` (Flux Kontext, Qwen-Image-Edit on Forge Neo; docs/negative-images.md) is the UI's PIL
+image or, through the API, a base64 string of an image file as the host's own `init_images` take it
+(with or without a `data:image/...;base64,` prefix); `None`/empty means none.
 
 `Model default` is the model family's VSF default (`settings.model_default`: SD3 3.5/0.1, Flux 6/0.2
 with lambda 8, Wan 1.7/0.2, SD1.5/SDXL 3.3/0.2; NAG and NASA their presets), as in the CLI and the
@@ -31,8 +35,10 @@ from ..settings import (CUSTOM_PRESET, DEFAULT_PRESET, METHOD_LABELS, MODEL_DEFA
                         VSFSettingsError, dict_field, from_preset, matching_preset, model_default)
 
 SCRIPT_TITLE = "Value Sign Flip"  # the script's title: its key in the API's `alwayson_scripts`
-UI_ARGS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map")
-API_KEYS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map", "tau")
+UI_ARGS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map",
+           "negative_image")
+API_KEYS = ("enabled", "method", "preset", "alpha", "beta", "lambda", "start", "end", "single_pass", "show_map", "tau",
+            "negative_image")
 
 DEFAULT_SETTINGS = PRESETS[DEFAULT_PRESET]
 UI_DEFAULTS: dict[str, Any] = {
@@ -46,6 +52,7 @@ UI_DEFAULTS: dict[str, Any] = {
     "end": DEFAULT_SETTINGS.end,
     "single_pass": True,
     "show_map": False,  # "Show where the negative acts": one extra map image per output (VSF only)
+    "negative_image": None,  # Flux Kontext / Qwen-Image-Edit on Forge Neo: a picture to move away from
 }
 PRESET_CHOICES = [MODEL_DEFAULT_PRESET, *PRESETS, CUSTOM_PRESET]  # the UI's preset dropdown
 _UI_DEFAULT_FIELDS = {"method": DEFAULT_SETTINGS.method, "alpha": DEFAULT_SETTINGS.alpha,
@@ -58,7 +65,8 @@ _KEEPS_MODEL_DEFAULT = {"start", "end"}
 class ScriptArgs:
     """Parsed script arguments: whether VSF runs, with which settings, whether CFG is replaced, and
     whether to show where the negative acts (`show_map`: a map image per output; it never changes the
-    image, so it is no generation parameter and not written into the infotext)."""
+    image, so it is no generation parameter and not written into the infotext); `negative_image`: a
+    PIL RGB image to move away from (edit models, docs/negative-images.md) or None."""
 
     enabled: bool
     settings: VSFSettings
@@ -67,14 +75,15 @@ class ScriptArgs:
     # No preset named: the explicitly given fields, to apply over the model's default (`for_family`).
     model_default: tuple[tuple[str, Any], ...] | None = None
     show_map: bool = False
+    negative_image: Any = None
 
     @classmethod
     def over_model_default(cls, enabled: bool, explicit: Mapping[str, Any], single_pass: bool,
-                           show_map: bool = False) -> "ScriptArgs":
+                           show_map: bool = False, negative_image: Any = None) -> "ScriptArgs":
         """Arguments that name no preset: `explicit` fields (settings field names) over the model's default."""
         settings = model_default(None, explicit.get("method", "vsf")).replace(**explicit)  # validates them
         label = MODEL_DEFAULT_PRESET if set(explicit) <= _KEEPS_MODEL_DEFAULT else CUSTOM_PRESET
-        return cls(enabled, settings, single_pass, label, tuple(explicit.items()), show_map)
+        return cls(enabled, settings, single_pass, label, tuple(explicit.items()), show_map, negative_image)
 
     def for_family(self, family: str | None) -> "ScriptArgs":
         """These arguments for a model of `family` (`sd3`, `flux`, `wan`, `unet`): the final settings."""
@@ -88,7 +97,7 @@ class ScriptArgs:
         """The positional list (UI order) that parses back to these (final or `Model default`) arguments."""
         s = self.settings
         return [self.enabled, METHOD_LABELS[s.method], self.preset, s.alpha, s.beta, s.flux_lambda,
-                s.start, s.end, self.single_pass, self.show_map]
+                s.start, s.end, self.single_pass, self.show_map, self.negative_image]
 
 
 def method_key(value: Any) -> str:
@@ -124,6 +133,48 @@ def preset_name(value: Any) -> str:
     raise VSFSettingsError(f"unknown VSF preset {value!r}; choose one of: {', '.join(PRESET_CHOICES)}")
 
 
+def negative_image(value: Any) -> Any:
+    """The negative image slot: None / "" (none), a PIL image (the UI's `gr.Image(type="pil")`), or, as
+    the host's own image arguments (`init_images`), a base64 string of an image file with or without a
+    `data:image/...;base64,` prefix. Returns a PIL RGB image or None; anything unreadable is refused."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if not isinstance(value, str):
+        raise VSFSettingsError(f"VSF negative image must be a base64-encoded image, got {type(value).__name__}")
+    import base64
+    import binascii
+    import io
+
+    text = value.strip()
+    if text.startswith("data:"):
+        header, _, text = text.partition(",")
+        if ";base64" not in header:
+            raise VSFSettingsError("VSF negative image: a data: URL must be base64 (data:image/png;base64,...)")
+    try:
+        data = base64.b64decode("".join(text.split()), validate=True)
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return image.convert("RGB")
+    except (binascii.Error, ValueError) as exc:
+        raise VSFSettingsError(f"VSF negative image is not valid base64 ({exc})") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise VSFSettingsError(f"VSF negative image could not be read as an image ({exc})") from None
+
+
+def negative_image_hash(image: Any) -> str:
+    """First 10 hex digits of the SHA-256 of the PNG encoding of the (RGB) image: what the infotext records."""
+    import hashlib
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return hashlib.sha256(buffer.getvalue()).hexdigest()[:10]
+
+
 def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
     """`ScriptArgs` from the script's slot values (positional list or one object in slot 0)."""
     args = list(args or [])
@@ -134,6 +185,7 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
     values = dict(UI_DEFAULTS)
     values.update({k: v for k, v in zip(UI_ARGS, args) if v is not None})
     show_map = as_bool("show map", values["show_map"])
+    image = negative_image(values["negative_image"])
     method = method_key(values["method"])
     preset = preset_name(values["preset"])
     if preset == MODEL_DEFAULT_PRESET:
@@ -145,7 +197,7 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
                  if (method if name == "method" else values[name]) != _UI_DEFAULT_FIELDS[field]}
         return ScriptArgs.over_model_default(as_bool("enabled", values["enabled"]),
                                              {**moved, "start": values["start"], "end": values["end"]},
-                                             as_bool("single pass", values["single_pass"]), show_map)
+                                             as_bool("single pass", values["single_pass"]), show_map, image)
     # NAG's tau has no slider: it comes from the named preset when that preset is a NAG one.
     tau = PRESETS[preset].tau if preset != CUSTOM_PRESET and PRESETS[preset].method == method else DEFAULT_SETTINGS.tau
     settings = DEFAULT_SETTINGS.replace(method=method, alpha=values["alpha"], beta=values["beta"], tau=tau,
@@ -153,7 +205,7 @@ def parse_script_args(args: Sequence[Any]) -> ScriptArgs:
     if preset != CUSTOM_PRESET and matching_preset(settings) != preset:
         preset = CUSTOM_PRESET  # the sliders were moved away from the preset's numbers
     return ScriptArgs(as_bool("enabled", values["enabled"]), settings, as_bool("single pass", values["single_pass"]),
-                      preset, show_map=show_map)
+                      preset, show_map=show_map, negative_image=image)
 
 
 def parse_api_object(data: Mapping[str, Any]) -> ScriptArgs:
@@ -165,16 +217,18 @@ def parse_api_object(data: Mapping[str, Any]) -> ScriptArgs:
     enabled = as_bool("enabled", data.get("enabled", True))
     single_pass = as_bool("single pass", data.get("single_pass", UI_DEFAULTS["single_pass"]))
     show_map = as_bool("show map", data.get("show_map", UI_DEFAULTS["show_map"]))
+    image = negative_image(data.get("negative_image"))
     preset = preset_name(data.get("preset", MODEL_DEFAULT_PRESET))
-    fields = {k: v for k, v in data.items() if k not in ("enabled", "single_pass", "show_map", "preset")}
+    fields = {k: v for k, v in data.items()
+              if k not in ("enabled", "single_pass", "show_map", "preset", "negative_image")}
     if "method" in fields:
         fields["method"] = method_key(fields["method"])
     if preset == MODEL_DEFAULT_PRESET:
         checked = VSFSettings.from_dict(fields, base=model_default(None, fields.get("method", "vsf")))
         explicit = {dict_field(k): getattr(checked, dict_field(k)) for k in fields}
-        return ScriptArgs.over_model_default(enabled, explicit, single_pass, show_map)
+        return ScriptArgs.over_model_default(enabled, explicit, single_pass, show_map, image)
     settings = DEFAULT_SETTINGS if preset == CUSTOM_PRESET else from_preset(preset)
     settings = VSFSettings.from_dict(fields, base=settings)
     if preset != CUSTOM_PRESET and matching_preset(settings) != preset:
         preset = CUSTOM_PRESET  # explicit numbers overrode the preset's
-    return ScriptArgs(enabled, settings, single_pass, preset, show_map=show_map)
+    return ScriptArgs(enabled, settings, single_pass, preset, show_map=show_map, negative_image=image)

@@ -2,7 +2,8 @@
 
 Written (`write`) into `p.extra_generation_params` only when guidance actually ran, as
 `VSF method: vsf, VSF alpha: 3.3, VSF beta: 0.2, VSF tau: 2.5, VSF lambda: 0, VSF start: 0, VSF end: 1,
-VSF preset: VSF Quality, VSF single pass: True`; notes (`write_notes`) as `VSF note: "..."`, written
+VSF preset: VSF Quality, VSF single pass: True` (and `VSF negative image: <10 hex digits of the SHA-256 of
+its PNG>` when one was used); notes (`write_notes`) as `VSF note: "..."`, written
 also when guidance did not run (then alone, without settings). Read back (`paste_fields`) through the
 script's `infotext_fields`: each entry maps one UI component to a function of the parsed infotext dict that
 returns the component's value, or None to leave it alone (the host then sends no update).
@@ -12,13 +13,16 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 from ..settings import CUSTOM_PRESET, METHOD_LABELS, INFOTEXT_KEYS, VSFSettings, VSFSettingsError, matching_preset
-from .args import ScriptArgs
+from .args import ScriptArgs, negative_image_hash
 
 PRESET_KEY = "VSF preset"
 SINGLE_PASS_KEY = "VSF single pass"
 # The generation's notes (unsupported model, empty negative, backend): the API's `info` has no comments
 # field, so this is how API users see them. Informational only: paste and `read` ignore it.
 NOTE_KEY = "VSF note"
+# A negative image (edit models) is recorded by a hash of its PNG encoding, never the image: it cannot be
+# pasted back (paste leaves the UI's image as it is), but two infotexts tell whether the same one was used.
+NEGATIVE_IMAGE_KEY = "VSF negative image"
 
 
 def infotext_params(args: ScriptArgs) -> dict[str, Any]:
@@ -26,6 +30,8 @@ def infotext_params(args: ScriptArgs) -> dict[str, Any]:
     out: dict[str, Any] = dict(args.settings.to_infotext())
     out[PRESET_KEY] = args.preset
     out[SINGLE_PASS_KEY] = bool(args.single_pass)
+    if args.negative_image is not None:
+        out[NEGATIVE_IMAGE_KEY] = negative_image_hash(args.negative_image)
     return out
 
 

@@ -78,6 +78,7 @@ class Generation:
         self.warnings: list[str] = []
         self._p = weakref.ref(p)
         self._negatives: dict[tuple, NegativeText] = {}
+        self._negative_images: dict[tuple, Any] = {}
         self._sample_patch: AttributePatch | None = None
         # "Show where the negative acts": the recorder of the last pass that finished guided (None when
         # the pass that made the current images was unguided), outputs seen since that pass began, and
@@ -118,9 +119,11 @@ class Generation:
         try:
             adapter.check()
             negative = self._negative_for(p, adapter)
-            if negative.is_empty:  # nothing to steer away from: the host's own image, no VSF keys
+            image = self._negative_image_for(p, adapter)
+            if negative.is_empty and image is None:  # nothing to steer away from: the host's own image
                 self.warn(EMPTY_NEGATIVE)
                 return False
+            self.run.negative_image = image
             ctx = SamplingContext(self.run, negative, self.args.single_pass)
             self.ctx = ctx
             adapter.attach(p, ctx)
@@ -168,6 +171,7 @@ class Generation:
             except Exception:  # noqa: BLE001 - keep undoing the rest
                 log.error("[VSF] restoring failed:\n%s", traceback.format_exc())
         self.run.set_text(0, None)
+        self.run.negative_image = None
         if note:
             self.warn(note)
 
@@ -185,6 +189,19 @@ class Generation:
         if key not in self._negatives:
             self._negatives[key] = adapter.encode_negative(p, prompts, self.args.settings)
         return self._negatives[key]
+
+    def _negative_image_for(self, p: Any, adapter: HostAdapter) -> Any:
+        """The negative image as `adapter`'s model takes it, encoded once per generation and size (the
+        hires pass reuses the first pass's, as the host's references); None without one."""
+        image = self.args.negative_image
+        if image is None:
+            return None
+        if not adapter.takes_negative_image():
+            raise PatchError(negative_image_refusal(adapter.sd_model))
+        key = (adapter.name, id(adapter.sd_model), getattr(p, "width", None), getattr(p, "height", None))
+        if key not in self._negative_images:
+            self._negative_images = {key: adapter.encode_negative_image(p, image)}  # one held at a time
+        return self._negative_images[key]
 
     # -- "Show where the negative acts" ------------------------------------------------------------------
     def add_map_image(self, p: Any, pp: Any) -> None:
@@ -272,6 +289,29 @@ def _pass_negative_prompts(p: Any) -> list[str]:
     return [str(x or "") for x in prompts]
 
 
+NEGATIVE_IMAGE_MODELS = "Flux Kontext, Qwen-Image-Edit"
+
+
+def negative_image_refusal(sd_model: Any) -> str:
+    return (f"a negative image needs a model that takes reference images ({NEGATIVE_IMAGE_MODELS} on Forge Neo); "
+            f"the loaded model ({hosts.describe_model(sd_model)}) does not. Remove the negative image or load such a model.")
+
+
+def _negative_image_error(p: Any, args: ScriptArgs) -> str | None:
+    """Why this request's negative image cannot be used with the loaded model, or None (none given, VSF off,
+    or a model that takes one)."""
+    if not args.enabled or args.negative_image is None:
+        return None
+    sd_model = getattr(p, "sd_model", None)
+    adapter = hosts.find_adapter(sd_model)
+    try:
+        if adapter is not None and adapter.takes_negative_image():
+            return None
+    except Exception:  # noqa: BLE001 - a host that changed: refused below, as a model without references
+        log.error("[VSF] could not tell whether the model takes reference images:\n%s", traceback.format_exc())
+    return negative_image_refusal(sd_model)
+
+
 def _refuse(error: Exception):
     def refused(*_args, **_kwargs):
         raise error
@@ -318,6 +358,9 @@ def start(p: Any, script_args: Sequence[Any]) -> Generation | None:
         _patched.end_pass()
     try:
         args = apply_overrides(parse_script_args(script_args), getattr(p, OVERRIDES_ATTR, None))
+        refusal = _negative_image_error(p, args)
+        if refusal is not None:
+            raise VSFSettingsError(refusal)
     except VSFSettingsError as exc:
         log.error("[VSF] %s", exc)
         setattr(p, GENERATION_ATTR, _install_refusal(p, argument_error(f"Value Sign Flip: {exc}")))

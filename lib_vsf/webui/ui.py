@@ -2,7 +2,8 @@
 
 `build(gr, InputAccordion, is_img2img)` returns `UIParts`: the components in `UI_ARGS` order (what
 the script's `ui()` returns) and the `infotext_fields` pairs. Only APIs common to both gradio majors
-are used (`gr.update`, `Slider`, `Dropdown`, `Checkbox`, `Row`, `.change(fn, inputs, outputs)`), and
+are used (`gr.update`, `Slider`, `Dropdown`, `Checkbox`, `Image(type="pil", image_mode="RGB")`, `Row`,
+`.change(fn, inputs, outputs)`), and
 the event wiring is guarded: with `--nowebui` the host may call `ui()` outside a `gr.Blocks` context,
 where gradio 4 refuses listeners; the components are still created and returned, which is all the API
 needs (their values are the defaults for missing API args).
@@ -31,6 +32,7 @@ LABELS = {
     "end": "End (fraction of steps)",
     "single_pass": "Single pass (replace CFG)",
     "show_map": "Show where the negative acts",
+    "negative_image": "Negative image (Flux Kontext, Qwen-Image-Edit)",
 }
 # name: (minimum, maximum, step). The range is the one the settings accept (`settings.RANGES`), the same
 # for the API, so every value an image was made with fits the slider when its infotext is pasted.
@@ -101,9 +103,12 @@ def build(gr: Any, input_accordion: Any, is_img2img: bool) -> UIParts:
         with gr.Row():  # one map image per output, never a change to the image (runner.add_map_image)
             show_map = gr.Checkbox(label=LABELS["show_map"], value=d["show_map"],
                                    elem_id=elem_id("show_map", is_img2img))
+        with gr.Row():  # optional; refused for models without reference images (runner.start)
+            negative_image = gr.Image(label=LABELS["negative_image"], value=d["negative_image"], type="pil",
+                                      image_mode="RGB", elem_id=elem_id("negative_image", is_img2img))
 
     by_name = {"enabled": enabled, "method": method, "preset": preset, **sliders, "single_pass": single_pass,
-               "show_map": show_map}
+               "show_map": show_map, "negative_image": negative_image}
     components = [by_name[name] for name in UI_ARGS]
     _wire_events(gr, by_name)
     fields = [(by_name[name], getter) for name, getter in infotext.paste_fields()]

@@ -133,11 +133,13 @@ def apply_overrides(args: ScriptArgs, overrides: Mapping[str, Any] | None) -> Sc
             except (TypeError, ValueError):
                 raise VSFSettingsError(f"{LABELS[key]} value is not a number: {value!r}") from None
     if explicit is not None:  # range errors keep their own message, here and below
-        return ScriptArgs.over_model_default(enabled, {**explicit, **changes}, args.single_pass, args.show_map)
+        return ScriptArgs.over_model_default(enabled, {**explicit, **changes}, args.single_pass, args.show_map,
+                                             args.negative_image)
     settings = settings.replace(**changes)
     if matching_preset(settings) != preset:
         preset = matching_preset(settings)
-    return ScriptArgs(enabled, settings, args.single_pass, preset, show_map=args.show_map)
+    return ScriptArgs(enabled, settings, args.single_pass, preset, show_map=args.show_map,
+                      negative_image=args.negative_image)
 
 
 def find_xyz_module(scripts_data: list) -> Any | None:

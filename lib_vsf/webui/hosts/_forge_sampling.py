@@ -44,13 +44,21 @@ def attach_forge(p: Any, ctx: SamplingContext) -> None:
         c = dict(args["c"])
         kinds = list(args.get("cond_or_uncond") or [])
         context = c.get("c_crossattn")
-        negative = None
+        negative = rows = None
         if isinstance(context, torch.Tensor) and ctx.guided_now() and (not kinds or COND in kinds):
             try:
                 negative = ctx.negative_for_chunks(kinds, context.shape[0])
+                rows = ctx.cond_rows(kinds, context.shape[0])
             except ValueError as exc:  # rows that do not map onto the batch's images: run this call plain
                 warn_once("forge-rows", f"model call without VSF: {exc}")
-        if negative is not None:
+                negative = None
+        image = run.negative_image
+        if negative is not None and image is not None:  # Neo's edit models: the text negative may be empty
+            text = None if negative.is_empty else negative
+            if text is not None:
+                c["c_crossattn"] = append_negative(context, text)
+            run.set_text(context.shape[1], text, negative_image_len=image.length, negative_image_rows=rows)
+        elif negative is not None:
             c["c_crossattn"] = append_negative(context, negative)
             run.set_text(context.shape[1], negative)
         else:

@@ -83,8 +83,19 @@ class SamplingContext:
         self.undo.append(fn)
 
     def guided_now(self) -> bool:
-        """The current step is inside the window and some image has a negative token."""
-        return self.settings.is_active(self.run.step, self.run.total_steps or 1) and not self.negative.is_empty
+        """The current step is inside the window and some image has a negative token (or there is a
+        negative image, `run.negative_image`)."""
+        return (self.settings.is_active(self.run.step, self.run.total_steps or 1)
+                and (not self.negative.is_empty or self.run.negative_image is not None))
+
+    @staticmethod
+    def cond_rows(kinds: Sequence[int], batch: int) -> torch.Tensor:
+        """[batch] bool: the rows of COND chunks in a model batch of `len(kinds)` equal chunks (all rows
+        without kinds), the rows a negative image applies to."""
+        if not kinds:
+            return torch.ones(batch, dtype=torch.bool)
+        per_chunk = batch // len(kinds)
+        return torch.tensor([kind == COND for kind in kinds], dtype=torch.bool).repeat_interleave(per_chunk)
 
     def negative_for_chunks(self, kinds: Sequence[int], batch: int) -> NegativeText:
         """Negative rows for a model batch of `batch` rows made of `len(kinds)` equal chunks.
@@ -136,6 +147,16 @@ class HostAdapter:
     def backend_note(self) -> str | None:
         """A message when the user's attention backend cannot carry VSF's mask, else None."""
         return None
+
+    def takes_negative_image(self) -> bool:
+        """The loaded model takes reference images, so a negative image can join its image stream
+        (docs/negative-images.md). False unless the adapter says otherwise."""
+        return False
+
+    def encode_negative_image(self, p: Any, image: Any) -> Any:
+        """The negative image (a PIL RGB image) as the model's host encodes a reference image, in the
+        form the adapter's patch appends it (Forge Neo: `_reference_tokens.ReferenceLatent`)."""
+        raise NotImplementedError
 
 
 # -- helpers shared by adapters -----------------------------------------------------------------------

@@ -26,11 +26,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, Sequence
 
+import torch
+
 from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge_sampling, _negative_text
-from ._reference_tokens import ImageStream
+from ._reference_tokens import ImageStream, ReferenceLatent, guided_joint_call, latent_tokens
 from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext
@@ -62,10 +64,12 @@ def make_flux_attention(original, run: GuidanceRun, stream: ImageStream | None =
         if mask is not None:
             warn_once("neo-flux-mask", "Flux/Chroma attention mask present: this call runs without VSF.")
             return original(q, k, v, heads, *args, **kwargs)
-        reference = None if stream is None else stream.reference(length, run.text_len)
-        layout = run.joint_layout(length, text_offset=0, reference=reference)  # Neo Flux: text first
-        return guided_call(q, k, v, heads, layout, run, joint=True, skip_reshape=skip_reshape,
-                           skip_output_reshape=kwargs.get("skip_output_reshape", False))
+        if stream is None:
+            layout = run.joint_layout(length, text_offset=0)  # Neo Flux: text first
+            return guided_call(q, k, v, heads, layout, run, joint=True, skip_reshape=skip_reshape,
+                               skip_output_reshape=kwargs.get("skip_output_reshape", False))
+        return guided_joint_call(stream, run, q, k, v, heads, skip_reshape=skip_reshape,
+                                 skip_output_reshape=kwargs.get("skip_output_reshape", False))
 
     flux_attention_function.__vsf_original__ = original
     return flux_attention_function
@@ -78,7 +82,7 @@ def patch_flux(flux: ModuleType, run: GuidanceRun, model: Any = None) -> Attribu
     if model is None:
         return AttributePatch().add(flux, "attention_function", make_flux_attention(flux.attention_function, run))
     check_callable(model, "forward", ("x", "timestep", "context"))
-    stream = ImageStream(getattr(model, "patch_size", 2))
+    stream = ImageStream(getattr(model, "patch_size", 2), run, getattr(flux, "dynamic_args", None))
     return (AttributePatch()
             .add(flux, "attention_function", make_flux_attention(flux.attention_function, run, stream))
             .add(model, "forward", stream.wrap_forward(model.forward)))
@@ -120,6 +124,20 @@ class NeoFluxAdapter(HostAdapter):
         the empty prompt's mean padding encoding through Neo's T5 engine (Chroma's engine pads nothing,
         so its null is the empty prompt padded to Flux's 256)."""
         return _negative_text.encode_flux_negatives(p, self.sd_model, negative_prompts, settings)
+
+    def takes_negative_image(self) -> bool:
+        """Flux Kontext: Neo's loader sets `dynamic_args["kontext"]` for a Kontext checkpoint, and only then
+        does its Flux engine hand reference latents to the model (Chroma's model reads none)."""
+        return self.family == "flux" and bool(getattr(self._module(), "dynamic_args", {}).get("kontext"))
+
+    def encode_negative_image(self, p: Any, image: Any) -> ReferenceLatent:
+        """The picture as Neo's Flux engine encodes a Kontext reference (`encode_first_stage` without its
+        side effects on the engine's references): at the generation's size, the VAE, `process_in`."""
+        vae = self.sd_model.forge_objects.vae
+        pixels = reference_pixels(image, p.width, p.height)
+        with torch.no_grad():
+            latent = vae.first_stage_model.process_in(vae.encode(pixels))
+        return ReferenceLatent(latent.cpu(), latent_tokens(latent, getattr(diffusion_model(self.sd_model), "patch_size", 2)))
 
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         """Neo keeps Forge's sampling hooks (`model_function_wrapper`, conditioning modifiers)."""

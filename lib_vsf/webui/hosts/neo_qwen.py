@@ -36,9 +36,9 @@ from ...patching import AttributePatch, PatchError, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge_sampling, _negative_text
-from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
-                      split_mask_arg, warn_once)
-from ._reference_tokens import ImageStream
+from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, is_forge_neo, split_mask_arg,
+                      warn_once)
+from ._reference_tokens import ImageStream, ReferenceLatent, guided_joint_call, latent_tokens, reference_pixels
 from .base import HostAdapter, SamplingContext
 
 QWEN_MODULE = "backend.nn.qwen"
@@ -53,10 +53,10 @@ class GuidedQwen:
     """The three replacements of one patch: the model's `forward` (where the image ends), its
     `pe_embedder.forward` (the negative's MSRoPE ids) and the module's `attention_function`."""
 
-    def __init__(self, model, run: GuidanceRun):
+    def __init__(self, model, run: GuidanceRun, dynamic_args=None):
         self.model = model
         self.run = run
-        self.stream = ImageStream(getattr(model, "patch_size", 2))
+        self.stream = ImageStream(getattr(model, "patch_size", 2), run, dynamic_args)
 
     def _guided_text(self) -> bool:
         """The running model call carries the text stream the runner announced, with a negative."""
@@ -68,9 +68,10 @@ class GuidedQwen:
 
         @functools.wraps(original)
         def forward(ids, *args, **kwargs):
-            if self._guided_text() and ids.shape[1] > run.text_len:
+            text_negative = run.text_len - run.positive_len  # a negative image's ids are Neo's own
+            if self._guided_text() and text_negative and ids.shape[1] > run.text_len:
                 ids = ids.clone()
-                steps = torch.arange(run.negative_len, device=ids.device, dtype=ids.dtype)
+                steps = torch.arange(text_negative, device=ids.device, dtype=ids.dtype)
                 ids[:, run.positive_len:run.text_len] = ids[:, :1] + steps[None, :, None]  # s + j, as alone
             return original(ids, *args, **kwargs)
 
@@ -88,9 +89,8 @@ class GuidedQwen:
             if split_mask_arg(args, kwargs) is not None:
                 warn_once("neo-qwen-mask", "Qwen-Image attention mask present: this call runs without VSF.")
                 return original(q, k, v, heads, *args, **kwargs)
-            layout = run.joint_layout(length, text_offset=0, reference=self.stream.reference(length, run.text_len))
-            return guided_call(q, k, v, heads, layout, run, joint=True, skip_reshape=skip_reshape,
-                               skip_output_reshape=kwargs.get("skip_output_reshape", False))
+            return guided_joint_call(self.stream, run, q, k, v, heads, skip_reshape=skip_reshape,
+                                     skip_output_reshape=kwargs.get("skip_output_reshape", False))
 
         qwen_attention_function.__vsf_original__ = original
         return qwen_attention_function
@@ -136,13 +136,29 @@ class NeoQwenImageAdapter(HostAdapter):
         engine = self._engine()
         return _negative_text.encode_with_engine(self.sd_model, engine, negative_prompts)
 
+    def takes_negative_image(self) -> bool:
+        """Qwen-Image-Edit: Neo's loader sets `dynamic_args["edit"]` for an Edit checkpoint, and only then
+        does its engine turn input images into reference latents."""
+        return bool(getattr(self._module(), "dynamic_args", {}).get("edit"))
+
+    def encode_negative_image(self, p: Any, image: Any) -> ReferenceLatent:
+        """The picture as Neo's Qwen engine encodes a reference image: at the generation's size (as its
+        input image), then the engine's own `encode_vision` (its `qwen_vae_resize` option, the VAE,
+        `process_in`), which touches none of the engine's state; its vision-encoder part is not used."""
+        if not callable(getattr(self.sd_model, "encode_vision", None)):
+            raise PatchError("the Qwen-Image-Edit model has no encode_vision (host version not supported)")
+        pixels = reference_pixels(image, p.width, p.height)
+        with torch.no_grad():
+            latent = self.sd_model.encode_vision(pixels, 0)[1]
+        return ReferenceLatent(latent.cpu(), latent_tokens(latent, getattr(diffusion_model(self.sd_model), "patch_size", 2)))
+
     def attach(self, p: Any, ctx: SamplingContext) -> None:
         _forge_sampling.attach_forge(p, ctx)
 
     def patch(self, run: GuidanceRun) -> AttributePatch:
         self._check_model()
         qwen, model = self._module(), diffusion_model(self.sd_model)
-        guided = GuidedQwen(model, run)
+        guided = GuidedQwen(model, run, getattr(qwen, "dynamic_args", None))
         return (AttributePatch()
                 .add(qwen, "attention_function", guided.attention_function(qwen.attention_function))
                 .add(model, "forward", guided.stream.wrap_forward(model.forward))
