@@ -378,3 +378,190 @@ def test_flux_lambda_uses_the_empty_prompt_null(neo_t5, engine_kwargs, pad_to, w
     torch.testing.assert_close(got.embeds[0].double(), plain + 8.0 * (plain - null), atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
     torch.testing.assert_close(_negative_text.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)
 
+
+
+# -- Flux Kontext with a negative image (docs/negative-images.md) ------------------------------------------
+#
+# The runner's part, played as it plays it: the picture's latent (here a random one of another size than
+# the reference, 6x8 -> 3x4 = 12 tokens) is the run's `negative_image`, and the model call is marked with
+# its tokens (`set_text(..., negative_image_len=)`), as the Forge wrapper marks guided COND calls. Neo's own
+# `forward` then appends it as the next reference: the host's sequence is `[P, N_txt, I, R, N_img]`.
+
+NEG_IMAGE = 12
+
+
+def negative_image(seed=31):
+    from lib_vsf.webui.hosts._reference_tokens import ReferenceLatent
+
+    latent = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(seed))
+    return ReferenceLatent(latent, NEG_IMAGE)
+
+
+def image_run(negative, image, alpha=3.3, beta=0.2, guidance=None, rows=None):
+    run = make_run(POSITIVE_LEN, negative, alpha, beta, guidance=guidance)
+    run.negative_image = image
+    run.set_text(POSITIVE_LEN, negative, negative_image_len=image.length, negative_image_rows=rows)
+    return run
+
+
+def test_kontext_negative_image_calls_equal_eq78_per_image_query(kontext):
+    """Every joint call of a Kontext model with a text and an image negative, as the host passes it,
+    `[P (6), N_txt (4 slots), I (16), R (16), N_img (12)]`, against VSF-SPEC written out in float64: each
+    image query eq. 7/8 with A+ over I u P u R and A- over the sample's real text negative *and* the image
+    negative's tokens; R and P rows over I u P u R (never the negative image); N0 rows (text and image)
+    over I u R u N. The oracle tells the output from a negative image that was ignored or taken as R."""
+    from spec_equations import assert_bugs_are_caught, bhld, joint_expected
+
+    flux, model, reference = kontext
+    inp = inputs(seed=23)
+    lengths = [4, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=10)
+    image = negative_image()
+    run = image_run(negative, image)
+    calls = first_call(flux, model, inp, append_negative(inp["context"], negative),
+                       NeoFluxAdapter(holder(model)).patch(run))
+    assert len(calls) == 2 and run.calls == 2
+    assert flux.dynamic_args["ref_latents"] == [reference]  # the host's list is back, unchanged
+    text = POSITIVE_LEN + 4
+    image_rows = range(text, text + KONTEXT_IMAGE)
+    ref_rows = range(image_rows.stop, image_rows.stop + KONTEXT_REFERENCE)
+    neg_image_rows = list(range(ref_rows.stop, ref_rows.stop + NEG_IMAGE))
+    negatives = [list(range(POSITIVE_LEN, POSITIVE_LEN + n)) + neg_image_rows for n in lengths]
+    for q, k, v, args, kwargs, out in calls:
+        assert q.shape[2] == ref_rows.stop + NEG_IMAGE  # Neo appended the negative image after R
+        check_joint_call(q, k, v, out, q.shape[1], image_rows, range(POSITIVE_LEN), negatives, 3.3, 0.2,
+                         heads_first=True, reference=ref_rows)
+        q, k, v = (bhld(t, q.shape[1], True) for t in (q, k, v))
+        ignored, _ = joint_expected(q, k, v, image_rows, range(POSITIVE_LEN),
+                                    [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 3.3, 0.2,
+                                    reference=ref_rows)
+        as_reference, _ = joint_expected(q, k, v, image_rows, range(POSITIVE_LEN),
+                                         [range(POSITIVE_LEN, POSITIVE_LEN + n) for n in lengths], 3.3, 0.2,
+                                         reference=list(ref_rows) + neg_image_rows)
+        _, defined = joint_expected(q, k, v, image_rows, range(POSITIVE_LEN), negatives, 3.3, 0.2, reference=ref_rows)
+        rows = defined.clone()
+        rows[:, neg_image_rows] = False  # compare the rows both readings define: I, P, R and N_txt
+        assert_bugs_are_caught(bhld(out, q.shape[1], False), {"negative image ignored": ignored,
+                                                              "negative image as R": as_reference}, rows)
+
+
+def test_kontext_reference_rows_never_see_the_negative_image_and_its_rows_are_the_negative_pass(kontext):
+    """Oracle-free, from the host's own passes (first block: q/k/v per token, Flux.1 text ids zero): R rows of
+    the guided call equal the R rows of the plain edit (R sees neither N0 nor N1 of the negative image); each
+    sample's N0 rows, text and image, equal the rows of its negative pass, the negative prompt alone with the
+    negative image as one more reference (N0 sees I, R and all of N); and those rows move with R."""
+    flux, model, reference = kontext
+    inp = inputs(seed=29)
+    lengths = [3, 2]
+    negative = negative_rows(lengths, CONTEXT_DIM, seed=12)
+    image = negative_image(seed=33)
+    patch = NeoFluxAdapter(holder(model)).patch(image_run(negative, image))
+    guided = first_call(flux, model, inp, append_negative(inp["context"], negative), patch)[0][-1]
+    plain = first_call(flux, model, inp, inp["context"])[0][-1]
+    text = POSITIVE_LEN + 3
+    r_guided = guided[:, text + KONTEXT_IMAGE:text + KONTEXT_IMAGE + KONTEXT_REFERENCE]
+    torch.testing.assert_close(r_guided, plain[:, POSITIVE_LEN + KONTEXT_IMAGE:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided[:, :POSITIVE_LEN], plain[:, :POSITIVE_LEN], rtol=1e-4, atol=1e-5)  # P
+    for b, n in enumerate(lengths):
+        alone = {key: value[b:b + 1] for key, value in inp.items()}
+        flux.dynamic_args["ref_latents"] = [reference, image.latent]  # the negative pass: one more reference
+        negative_pass = first_call(flux, model, alone, negative.embeds[b:b + 1, :n])[0][-1]
+        flux.dynamic_args["ref_latents"] = [reference]
+        torch.testing.assert_close(guided[b:b + 1, -NEG_IMAGE:], negative_pass[:, -NEG_IMAGE:], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(guided[b:b + 1, POSITIVE_LEN:POSITIVE_LEN + n], negative_pass[:, :n],
+                                   rtol=1e-4, atol=1e-5)
+    flux.dynamic_args["ref_latents"] = [reference.flip(-1)]  # another reference moves the N0-image rows
+    other = first_call(flux, model, inp, append_negative(inp["context"], negative),
+                       NeoFluxAdapter(holder(model)).patch(image_run(negative, image)))[0][-1]
+    assert (other[:, -NEG_IMAGE:] - guided[:, -NEG_IMAGE:]).abs().max() > 1e-3
+
+
+def test_kontext_unguided_rows_of_the_batch_see_no_negative_image(kontext):
+    """CFG kept: the batch's uncond row (no text negative, `negative_image_rows` False) is the plain edit's
+    row; the cond row is guided by the image alone when its text negative is empty."""
+    from lib_vsf.state import NegativeText
+
+    flux, model, _ = kontext
+    inp = inputs(seed=37)
+    image = negative_image(seed=35)
+    empty = NegativeText(torch.zeros(2, 0, CONTEXT_DIM), torch.zeros(2, 0, dtype=torch.bool))
+    run = image_run(empty, image, rows=torch.tensor([True, False]))
+    assert run.text_len == POSITIVE_LEN and run.negative_len == NEG_IMAGE
+    with NeoFluxAdapter(holder(model)).patch(run):
+        guided = forward(model, "flux", inp, inp["context"])
+    plain = forward(model, "flux", inp, inp["context"])
+    assert run.calls == 2 and guided.shape == plain.shape  # the negative image's output rows are dropped
+    torch.testing.assert_close(guided[1], plain[1], rtol=1e-4, atol=1e-5)
+    assert (guided[0] - plain[0]).abs().max() > 1e-3
+
+
+def test_kontext_negative_image_alpha_zero_is_the_plain_edit_and_restore_is_exact(kontext):
+    """alpha 0, beta +inf with a text and an image negative: the plain edit. After the patch, also after an
+    exception mid-forward, every name is back, the host's reference list is the same object holding the same
+    latents, and the model's output is the unpatched one bit for bit."""
+    flux, model, reference = kontext
+    inp = inputs(seed=41)
+    references = flux.dynamic_args["ref_latents"]
+    original, forward_before = flux.attention_function, model.forward
+    unpatched = forward(model, "flux", inp, inp["context"])
+    negative = negative_rows([5, 3], CONTEXT_DIM)
+    image = negative_image(seed=39)
+    run = image_run(negative, image, guidance=Guidance("vsf", 0.0, math.inf))
+    with NeoFluxAdapter(holder(model)).patch(run):
+        zero = forward(model, "flux", inp, append_negative(inp["context"], negative))
+    assert run.calls == 2
+    torch.testing.assert_close(zero, unpatched, rtol=1e-4, atol=1e-5)
+    patch = NeoFluxAdapter(holder(model)).patch(image_run(negative, image)).apply()
+    try:
+        with pytest.raises(RuntimeError):  # an exception inside the model, with the negative image appended
+            forward(model, "flux", {**inp, "y": inp["y"][:, :3]}, append_negative(inp["context"], negative))
+    finally:
+        patch.restore()
+    assert flux.dynamic_args["ref_latents"] is references and references == [reference]
+    assert flux.attention_function is original and "forward" not in model.__dict__ and model.forward == forward_before
+    assert torch.equal(forward(model, "flux", inp, inp["context"]), unpatched)
+
+
+def test_negative_image_is_encoded_as_neos_flux_engine_encodes_a_kontext_reference(neo, monkeypatch):
+    """Kontext on (Neo's loader flag): the adapter takes a negative image and encodes it as the host's own
+    `Flux.encode_first_stage` encodes an img2img input image at the generation's size (what becomes the
+    first reference), without touching the engine's references; Chroma and Flux without Kontext refuse."""
+    import types
+
+    import numpy as np
+    from PIL import Image
+
+    flux, chroma = neo
+    with shared_opts():  # the engine module imports the WebUI's settings (gradio) through its imports
+        engine_module = import_host("backend.diffusion_engine.flux")
+
+    class StandInVAE:  # the two calls of Neo's VAE patcher the engine makes; a fixed non-trivial map
+        def __init__(self):
+            self.first_stage_model = types.SimpleNamespace(process_in=lambda z: (z - 0.1159) * 0.3611)
+
+        def encode(self, pixels):  # [B, H, W, 3] in [0, 1] -> [B, 16, H/8, W/8]
+            x = pixels.movedim(-1, 1)
+            pooled = torch.nn.functional.avg_pool2d(x, 8)
+            return torch.cat([pooled * (i + 1) - 0.5 * i for i in range(16)][:16], dim=1)[:, :16]
+
+    vae = StandInVAE()
+    sd_model = holder(build_flux(flux))
+    sd_model.forge_objects.vae = vae
+    picture = Image.fromarray(np.random.default_rng(3).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    p = types.SimpleNamespace(width=64, height=48)
+    monkeypatch.setitem(flux.dynamic_args, "kontext", True)
+    adapter = NeoFluxAdapter(sd_model)
+    assert adapter.takes_negative_image()
+    got = adapter.encode_negative_image(p, picture)
+    # the host: img2img resizes its input to width x height ("Just resize": Lanczos), scales to [-1, 1]
+    resized = np.asarray(picture.resize((64, 48), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+    x = torch.from_numpy(2.0 * resized - 1.0).movedim(-1, 0)[None]
+    engine = types.SimpleNamespace(forge_objects=types.SimpleNamespace(vae=vae), ref_latents=[], ini_latent=None)
+    monkeypatch.setitem(engine_module.dynamic_args, "is_referencing", False)
+    engine_module.Flux.encode_first_stage(engine, x)
+    assert got.latent.shape == (1, 16, 6, 8) and got.length == 12
+    torch.testing.assert_close(got.latent, engine.ini_latent, rtol=1e-6, atol=1e-6)
+    monkeypatch.setitem(flux.dynamic_args, "kontext", False)
+    assert not NeoFluxAdapter(sd_model).takes_negative_image()
+    monkeypatch.setitem(flux.dynamic_args, "kontext", True)
+    assert not NeoFluxAdapter(holder(build_chroma(chroma))).takes_negative_image()

@@ -32,7 +32,7 @@ from ...patching import AttributePatch, check_callable
 from ...settings import VSFSettings
 from ...state import GuidanceRun, NegativeText
 from . import _forge_sampling, _negative_text
-from ._reference_tokens import ImageStream, ReferenceLatent, guided_joint_call, latent_tokens
+from ._reference_tokens import ImageStream, ReferenceLatent, guided_joint_call, latent_tokens, reference_pixels
 from ._guided import (batch_fits, check_attention_function, class_is, diffusion_model, guided_call, is_forge_neo,
                       split_mask_arg, warn_once)
 from .base import HostAdapter, SamplingContext
