@@ -340,52 +340,13 @@ def test_kontext_alpha_zero_beta_inf_equals_unpatched_and_restore_is_exact(konte
     assert torch.equal(forward(model, "flux", inp, inp["context"]), unpatched)
 
 
-@pytest.fixture(scope="module")
-def neo_t5():
-    with host_modules("neo"), shared_opts(emphasis="Original"):
-        t5_engine = import_host("backend.text_processing.t5_engine")
-        t5 = host_t5(import_host("backend.nn.t5"), hf_t5_encoder(seed=5))
-        yield t5_engine, t5
-
-
-def neo_model(engine):
-    """Neo's Flux/Chroma `get_learned_conditioning` minus CLIP and model loading: T5 is the crossattn."""
-    model = type("Holder", (), {})()
-    model.text_processing_engine_t5 = engine
-    model.get_learned_conditioning = lambda prompts: {"crossattn": engine(list(prompts))}
-    return model
-
-
-def t5_rows(transformer, ids):
-    with torch.no_grad():
-        return transformer(input_ids=torch.tensor([ids]))[0].double()
-
-
-# Neo's engines: Flux pads to 256 (`flux.py`), Chroma pads nothing (`chroma.py`: min_length=1, min_padding=0)
-@pytest.mark.parametrize("engine_kwargs, pad_to", [({}, 256), ({"min_length": 1, "min_padding": 0}, 0)])
-@pytest.mark.parametrize("words", [3, 300])
-def test_flux_lambda_uses_the_empty_prompt_null(neo_t5, engine_kwargs, pad_to, words):
-    """p- + lambda (p- - p0), p0 = mean padding encoding of `[EOS, PAD x 255]`, also when the negative
-    leaves no padding of its own (300 words; Chroma's engine always)."""
-    t5_engine, t5 = neo_t5
-    engine = t5_engine.T5TextProcessingEngine(t5, T5WordTokenizer(), **engine_kwargs)
-    prompt = " ".join(f"n{i}" for i in range(words))
-    ids = T5WordTokenizer()([prompt])["input_ids"][0] + [1]
-    plain = t5_rows(t5.transformer, ids + [0] * max(0, pad_to - len(ids)))[:len(ids)]
-    null = t5_rows(t5.transformer, [1] + [0] * 255)[1:].mean(dim=0)
-    got = NeoFluxAdapter(neo_model(engine)).encode_negative(None, [prompt], VSFSettings(flux_lambda=8.0))
-    assert got.length == len(ids)
-    torch.testing.assert_close(got.embeds[0].double(), plain + 8.0 * (plain - null), atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
-    torch.testing.assert_close(_negative_text.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)
-
-
-
 # -- Flux Kontext with a negative image (docs/negative-images.md) ------------------------------------------
 #
 # The runner's part, played as it plays it: the picture's latent (here a random one of another size than
 # the reference, 6x8 -> 3x4 = 12 tokens) is the run's `negative_image`, and the model call is marked with
 # its tokens (`set_text(..., negative_image_len=)`), as the Forge wrapper marks guided COND calls. Neo's own
 # `forward` then appends it as the next reference: the host's sequence is `[P, N_txt, I, R, N_img]`.
+# (Kept before the T5 fixture below, which opens its own copy of the host's modules for its tests.)
 
 NEG_IMAGE = 12
 
@@ -565,3 +526,42 @@ def test_negative_image_is_encoded_as_neos_flux_engine_encodes_a_kontext_referen
     assert not NeoFluxAdapter(sd_model).takes_negative_image()
     monkeypatch.setitem(flux.dynamic_args, "kontext", True)
     assert not NeoFluxAdapter(holder(build_chroma(chroma))).takes_negative_image()
+
+
+@pytest.fixture(scope="module")
+def neo_t5():
+    with host_modules("neo"), shared_opts(emphasis="Original"):
+        t5_engine = import_host("backend.text_processing.t5_engine")
+        t5 = host_t5(import_host("backend.nn.t5"), hf_t5_encoder(seed=5))
+        yield t5_engine, t5
+
+
+def neo_model(engine):
+    """Neo's Flux/Chroma `get_learned_conditioning` minus CLIP and model loading: T5 is the crossattn."""
+    model = type("Holder", (), {})()
+    model.text_processing_engine_t5 = engine
+    model.get_learned_conditioning = lambda prompts: {"crossattn": engine(list(prompts))}
+    return model
+
+
+def t5_rows(transformer, ids):
+    with torch.no_grad():
+        return transformer(input_ids=torch.tensor([ids]))[0].double()
+
+
+# Neo's engines: Flux pads to 256 (`flux.py`), Chroma pads nothing (`chroma.py`: min_length=1, min_padding=0)
+@pytest.mark.parametrize("engine_kwargs, pad_to", [({}, 256), ({"min_length": 1, "min_padding": 0}, 0)])
+@pytest.mark.parametrize("words", [3, 300])
+def test_flux_lambda_uses_the_empty_prompt_null(neo_t5, engine_kwargs, pad_to, words):
+    """p- + lambda (p- - p0), p0 = mean padding encoding of `[EOS, PAD x 255]`, also when the negative
+    leaves no padding of its own (300 words; Chroma's engine always)."""
+    t5_engine, t5 = neo_t5
+    engine = t5_engine.T5TextProcessingEngine(t5, T5WordTokenizer(), **engine_kwargs)
+    prompt = " ".join(f"n{i}" for i in range(words))
+    ids = T5WordTokenizer()([prompt])["input_ids"][0] + [1]
+    plain = t5_rows(t5.transformer, ids + [0] * max(0, pad_to - len(ids)))[:len(ids)]
+    null = t5_rows(t5.transformer, [1] + [0] * 255)[1:].mean(dim=0)
+    got = NeoFluxAdapter(neo_model(engine)).encode_negative(None, [prompt], VSFSettings(flux_lambda=8.0))
+    assert got.length == len(ids)
+    torch.testing.assert_close(got.embeds[0].double(), plain + 8.0 * (plain - null), atol=1e-4, rtol=1e-4)  # (1 + lambda) x emphasis ulps
+    torch.testing.assert_close(_negative_text.t5_null_embedding(engine).double(), null, atol=1e-6, rtol=1e-6)

@@ -323,3 +323,163 @@ def test_neo_sampling_single_pass_inside_the_window_and_plain_pass_outside(neo):
                                      transformer_options={})
     torch.testing.assert_close(denoised, expected, atol=2e-5, rtol=1e-4)
     assert (denoised - plain).abs().max() > 1e-4
+
+
+# -- Qwen-Image-Edit with a negative image (docs/negative-images.md) ---------------------------------------
+#
+# The runner's part, played as it plays it: the picture's latent (a random one of another size than the
+# reference, 6x8 -> 12 tokens) is the run's `negative_image` and the call is marked with its tokens; Neo's
+# own `forward` appends it as the next reference (MSRoPE frame index 2): `[P, N_txt, I, R, N_img]`.
+
+NEG_IMAGE = 12
+
+
+def negative_image(seed=31):
+    from lib_vsf.webui.hosts._reference_tokens import ReferenceLatent
+
+    return ReferenceLatent(torch.randn(1, 16, 1, 6, 8, generator=torch.Generator().manual_seed(seed)), NEG_IMAGE)
+
+
+def image_run(negative, image, alpha=3.3, beta=0.2, guidance=None):
+    run = make_run(POSITIVE_LEN, negative, alpha, beta, guidance=guidance)
+    run.negative_image = image
+    run.set_text(POSITIVE_LEN, negative, negative_image_len=image.length)
+    return run
+
+
+def test_edit_negative_image_calls_equal_eq78_per_image_query(neo, edit):
+    """Each block's joint call with a text and an image negative, `[P (7), N_txt (3), I (16), R (16),
+    N_img (12)]` `[B, L, H*D]` after MSRoPE, against VSF-SPEC in float64: image queries eq. 7/8 with A- over
+    the text negative and the image negative's tokens, P and R rows over I u P u R, N0 rows over I u R u N.
+    The oracle tells the output from a negative image that was ignored or taken as R."""
+    from spec_equations import assert_bugs_are_caught, bhld, joint_expected
+
+    model = build(neo.qwen, seed=10)
+    inp = inputs(batch=1, seed=21)
+    negative = negative_rows([3], TEXT_DIM, seed=11)
+    run = image_run(negative, negative_image())
+    calls = calls_of(neo.qwen, model, inp, append_negative(inp["context"], negative),
+                     NeoQwenImageAdapter(holder(model)).patch(run))
+    assert len(calls) == 2 and run.calls == 2
+    assert neo.qwen.dynamic_args["ref_latents"] == [edit]  # the host's list is back, unchanged
+    text = POSITIVE_LEN + 3
+    image_rows, ref_rows = range(text, text + IMAGE), range(text + IMAGE, text + 2 * IMAGE)
+    neg_image_rows = list(range(ref_rows.stop, ref_rows.stop + NEG_IMAGE))
+    negatives = [list(range(POSITIVE_LEN, text)) + neg_image_rows]
+    for q, k, v, args, kwargs, out in calls:
+        assert q.shape[1] == ref_rows.stop + NEG_IMAGE
+        check_joint_call(q, k, v, out, HEADS, image_rows, range(POSITIVE_LEN), negatives, 3.3, 0.2, reference=ref_rows)
+        q, k, v = (bhld(t, HEADS, False) for t in (q, k, v))
+        text_only = [range(POSITIVE_LEN, text)]
+        ignored, _ = joint_expected(q, k, v, image_rows, range(POSITIVE_LEN), text_only, 3.3, 0.2, reference=ref_rows)
+        as_reference, _ = joint_expected(q, k, v, image_rows, range(POSITIVE_LEN), text_only, 3.3, 0.2,
+                                         reference=list(ref_rows) + neg_image_rows)
+        _, rows = joint_expected(q, k, v, image_rows, range(POSITIVE_LEN), negatives, 3.3, 0.2, reference=ref_rows)
+        rows[:, neg_image_rows] = False
+        assert_bugs_are_caught(bhld(out, HEADS, False), {"negative image ignored": ignored,
+                                                         "negative image as R": as_reference}, rows)
+
+
+def test_edit_reference_rows_never_see_the_negative_image_and_its_rows_are_the_negative_pass(neo, edit):
+    """Oracle-free (first block: q/k/v per token after MSRoPE): R and P rows equal the plain edit's; the N0
+    rows, text and image, equal the rows of the negative pass (the negative prompt alone at ids s + j, the
+    negative image as one more reference); and those rows move with R."""
+    qwen = neo.qwen
+    model = build(qwen, seed=12)
+    inp = inputs(batch=1, seed=23)
+    negative = negative_rows([4], TEXT_DIM, seed=13)
+    image = negative_image(seed=33)
+    context = append_negative(inp["context"], negative)
+    guided = calls_of(qwen, model, inp, context, NeoQwenImageAdapter(holder(model)).patch(image_run(negative, image)))[0][-1]
+    plain = calls_of(qwen, model, inp, inp["context"])[0][-1]
+    text = POSITIVE_LEN + 4
+    torch.testing.assert_close(guided[:, text + IMAGE:text + 2 * IMAGE], plain[:, POSITIVE_LEN + IMAGE:],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided[:, :POSITIVE_LEN], plain[:, :POSITIVE_LEN], rtol=1e-4, atol=1e-5)
+    qwen.dynamic_args["ref_latents"] = [edit, image.latent]
+    negative_pass = calls_of(qwen, model, inp, negative.embeds)[0][-1]
+    qwen.dynamic_args["ref_latents"] = [edit]
+    torch.testing.assert_close(guided[:, -NEG_IMAGE:], negative_pass[:, -NEG_IMAGE:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(guided[:, POSITIVE_LEN:text], negative_pass[:, :4], rtol=1e-4, atol=1e-5)
+    qwen.dynamic_args["ref_latents"] = [edit.flip(-1)]
+    other = calls_of(qwen, model, inp, context,
+                     NeoQwenImageAdapter(holder(model)).patch(image_run(negative, image)))[0][-1]
+    assert (other[:, -NEG_IMAGE:] - guided[:, -NEG_IMAGE:]).abs().max() > 1e-3
+
+
+def test_edit_negative_image_alone_alpha_zero_is_the_plain_edit_and_restore_is_exact(neo, edit):
+    """An image negative without a text negative guides (the output moves); alpha 0 with beta +inf is the
+    plain edit; after a run that raised mid-forward the names, the host's reference list and the output are
+    back bit for bit."""
+    from lib_vsf.state import NegativeText
+
+    qwen = neo.qwen
+    model = build(qwen, seed=14)
+    inp = inputs(batch=1, seed=25)
+    references, original, embedder = qwen.dynamic_args["ref_latents"], qwen.attention_function, model.pe_embedder
+    unpatched = forward(model, inp, inp["context"])
+    image = negative_image(seed=35)
+    empty = NegativeText(torch.zeros(1, 0, TEXT_DIM), torch.zeros(1, 0, dtype=torch.bool))
+    run = image_run(empty, image)
+    with NeoQwenImageAdapter(holder(model)).patch(run):
+        alone = forward(model, inp, inp["context"])
+    assert run.calls == 2 and alone.shape == unpatched.shape and (alone - unpatched).abs().max() > 1e-3
+    negative = negative_rows([3], TEXT_DIM, seed=15)
+    run = image_run(negative, image, guidance=Guidance("vsf", 0.0, math.inf))
+    with NeoQwenImageAdapter(holder(model)).patch(run):
+        zero = forward(model, inp, append_negative(inp["context"], negative))
+    assert run.calls == 2
+    torch.testing.assert_close(zero, unpatched, rtol=1e-4, atol=1e-5)
+    patch = NeoQwenImageAdapter(holder(model)).patch(image_run(negative, image)).apply()
+    try:
+        with pytest.raises(RuntimeError):
+            forward(model, {**inp, "x": inp["x"][:, :3]}, append_negative(inp["context"], negative))
+    finally:
+        patch.restore()
+    assert qwen.dynamic_args["ref_latents"] is references and references == [edit]
+    assert qwen.attention_function is original and model.pe_embedder is embedder and "forward" not in model.__dict__
+    assert torch.equal(forward(model, inp, inp["context"]), unpatched)
+
+
+@pytest.mark.parametrize("vae_resize", [False, True])
+def test_negative_image_is_encoded_as_neos_qwen_engine_encodes_an_input_image(neo, monkeypatch, vae_resize):
+    """Edit on (Neo's loader flag): the adapter takes a negative image and encodes it as the host turns an
+    img2img input image into a reference latent (`encode_first_stage` keeps the pixels at the generation's
+    size, `get_learned_conditioning` runs `encode_vision` on them, with its `qwen_vae_resize` option), without
+    touching the engine's references; Qwen-Image without Edit refuses."""
+    import numpy as np
+    from PIL import Image
+
+    class StandInVAE:  # Neo's Wan VAE patcher as the engine calls it: [B, H, W, 3] -> [B, 16, 1, H/8, W/8]
+        def __init__(self):
+            self.first_stage_model = types.SimpleNamespace(process_in=lambda z: (z - 0.2) * 1.7)
+
+        def encode(self, pixels):
+            pooled = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1), 8)
+            return torch.cat([pooled * (i + 1) - 0.3 * i for i in range(6)], dim=1)[:, :16, None].repeat(1, 3, 1, 1, 1)[:, :16]
+
+    with shared_opts():
+        engine_module = import_host("backend.diffusion_engine.qwen")
+        monkeypatch.setattr(engine_module, "opts", types.SimpleNamespace(qwen_vae_resize=vae_resize))  # bound at import
+        vae = StandInVAE()
+        engine = types.SimpleNamespace(forge_objects=types.SimpleNamespace(vae=vae), ref_latents=[], ini_latent=None)
+        engine.encode_vision = lambda image, i: engine_module.QwenImage.encode_vision(engine, image, i)
+        sd_model = holder(build(neo.qwen))
+        sd_model.encode_vision = engine.encode_vision
+        picture = Image.fromarray(np.random.default_rng(5).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+        p = types.SimpleNamespace(width=64, height=48)
+        monkeypatch.setitem(neo.qwen.dynamic_args, "edit", True)
+        adapter = NeoQwenImageAdapter(sd_model)
+        assert adapter.takes_negative_image()
+        got = adapter.encode_negative_image(p, picture)
+        resized = np.asarray(picture.resize((64, 48), resample=Image.LANCZOS), dtype=np.float32) / 255.0
+        x = torch.from_numpy(2.0 * resized - 1.0).movedim(-1, 0)[None]
+        monkeypatch.setitem(engine_module.dynamic_args, "is_referencing", False)
+        engine_module.QwenImage.encode_first_stage(engine, x)  # keeps the input image for the conditioning
+        want = engine_module.QwenImage.encode_vision(engine, engine.ini_latent, 0)[1]
+    assert engine.ref_latents == [] and got.latent.shape == want.shape
+    assert got.length == (want.shape[-2] // 2) * (want.shape[-1] // 2)
+    assert (want.shape[-2:] == (6, 8)) is not vae_resize  # the option's ~1 MP resize, or the generation's size
+    torch.testing.assert_close(got.latent, want, rtol=1e-4, atol=2e-5)  # the host's [-1, 1] round trip: ulps
+    monkeypatch.setitem(neo.qwen.dynamic_args, "edit", False)
+    assert not NeoQwenImageAdapter(sd_model).takes_negative_image()
