@@ -138,3 +138,84 @@ def test_values_round_trip_through_the_positional_form():
     args = parse_script_args([{"preset": "NASA", "start": 0.2}])
     again = parse_script_args(args.values())
     assert again.settings == args.settings and again.enabled == args.enabled and again.preset == args.preset
+
+
+# -- the negative image slot (edit models; docs/negative-images.md) ------------------------------------------
+
+def png_base64(image):
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def picture(mode="RGB"):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(7).integers(0, 255, (12, 20, 4), dtype=np.uint8)
+    return Image.fromarray(pixels, "RGBA").convert(mode)
+
+
+def test_negative_image_is_the_last_slot_and_arrives_as_pil_or_base64_in_either_api_form():
+    import numpy as np
+
+    assert UI_ARGS[-1] == "negative_image" and UI_ARGS[:10] == ("enabled", "method", "preset", "alpha", "beta",
+                                                                "lambda", "start", "end", "single_pass", "show_map")
+    assert "negative_image" in API_KEYS and UI_DEFAULTS["negative_image"] is None
+    image = picture("RGBA")  # what a user may upload: converted to RGB, as the model takes it
+    want = np.asarray(image.convert("RGB"))
+    encoded = png_base64(image)
+    forms = {
+        "ui": parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False, image]),
+        "list": parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False, encoded]),
+        "object": parse_script_args([{"negative_image": encoded}]),
+        "data url": parse_script_args([{"negative_image": "data:image/png;base64," + encoded}]),
+    }
+    for name, args in forms.items():
+        assert args.negative_image.mode == "RGB" and np.array_equal(np.asarray(args.negative_image), want), name
+    # nothing else changes, and none is the default in every form
+    assert forms["list"].settings == parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2]).settings
+    for none in ([True], [{}], [True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False, None],
+                 [{"negative_image": ""}], [{"negative_image": None}]):
+        assert parse_script_args(none).negative_image is None
+    # it survives the model default, a named preset, the positional round trip and an X/Y/Z cell
+    from lib_vsf.webui.xyz import apply_overrides
+
+    assert forms["object"].for_family("flux").negative_image is forms["object"].negative_image
+    assert parse_script_args([{"preset": "VSF Strong", "negative_image": encoded}]).negative_image is not None
+    assert parse_script_args(forms["list"].values()).negative_image is forms["list"].negative_image
+    for overrides in ({"alpha": 5.0}, {"preset": "VSF Strong"}, {"preset": "Model default", "beta": 0.3}):
+        assert apply_overrides(forms["ui"], overrides).negative_image is forms["ui"].negative_image
+        assert apply_overrides(forms["object"], overrides).negative_image is forms["object"].negative_image
+
+
+@pytest.mark.parametrize("bad, message", [
+    ("not base64 at all!", "not valid base64"),
+    ("aGVsbG8gd29ybGQ=", "could not be read as an image"),  # valid base64 of "hello world"
+    ("data:image/png,abcd", "must be base64"),
+    (12, "must be a base64-encoded image, got int"),
+    ([1, 2], "must be a base64-encoded image, got list"),
+])
+def test_unreadable_negative_images_are_refused_clearly(bad, message):
+    with pytest.raises(VSFSettingsError, match=message):
+        parse_script_args([{"negative_image": bad}])
+    with pytest.raises(VSFSettingsError, match=message):
+        parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False, bad])
+
+
+def test_negative_image_hash_is_the_sha256_of_the_rgb_png():
+    import hashlib
+    import io
+
+    from lib_vsf.webui.args import negative_image_hash
+
+    image = picture("RGBA")
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    assert negative_image_hash(image) == hashlib.sha256(buffer.getvalue()).hexdigest()[:10]
+    other = image.copy()
+    other.putpixel((0, 0), (0, 0, 0, 255) if image.getpixel((0, 0))[:3] != (0, 0, 0) else (1, 1, 1, 255))
+    assert negative_image_hash(other) != negative_image_hash(image) and len(negative_image_hash(image)) == 10

@@ -438,3 +438,141 @@ def test_neo_qwen_image_family_gets_its_default_through_ui_api_infotext_xyz_and_
     assert [c.extra_generation_params["VSF alpha"] for c in cells] == ["1.5", "4"]
     window = host.process_images(Processing(host, steps=8), host.api_args([{"enabled": True, "start": 0.5, "end": 0.75}]))
     assert [s["step"] for s in window.trace if s["guided"]] == [4, 5]
+
+
+# -- a negative image (edit models; docs/negative-images.md) -------------------------------------------------
+
+def negative_picture(seed=3):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (8, 8, 3), dtype=np.uint8))
+
+
+def as_base64(image):
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def with_image(values, image):
+    return [*values[:10], image]
+
+
+def test_negative_image_guides_an_edit_model_and_the_infotext_records_its_hash_only(host):
+    import hashlib
+    import io
+
+    image = negative_picture()
+    edit = DoubleModel(takes_images=True)
+    from_ui = host.process_images(Processing(host, sd_model=edit, enable_hr=True), with_image(ON, image))
+    assert all(s["guided"] for s in from_ui.trace) and not host.hook_errors
+    assert len(edit.encoded_images) == 1  # encoded once per generation (the hires pass reuses it)
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    params = from_ui.extra_generation_params
+    assert params["VSF negative image"] == hashlib.sha256(png.getvalue()).hexdigest()[:10]
+    assert "base64" not in host.infotext(from_ui) and len(host.infotext(from_ui)) < 400  # never the image
+    # the API's list and object forms (base64, as the host's own image arguments) give the same generation
+    as_list = host.process_images(Processing(host, sd_model=DoubleModel(takes_images=True), enable_hr=True),
+                                  host.api_args(with_image(ON, as_base64(image))))
+    as_object = host.process_images(Processing(host, sd_model=DoubleModel(takes_images=True), enable_hr=True),
+                                    host.api_args([{"enabled": True, "preset": "VSF Quality",
+                                                    "negative_image": as_base64(image)[22:]}]))
+    assert as_list.extra_generation_params == as_object.extra_generation_params == params
+    assert as_list.trace == as_object.trace == from_ui.trace
+    # pasting the infotext restores every other control and leaves the image input as it is (a hash
+    # cannot be pasted back); without a negative image the key is absent
+    pasted = host.paste(parse_infotext(host.infotext(from_ui)))
+    assert pasted == ON
+    assert "VSF negative image" not in host.process_images(Processing(host, sd_model=edit), ON).extra_generation_params
+    assert_untouched(host, from_ui)
+
+
+def test_negative_image_alone_guides_without_a_negative_prompt(host):
+    edit = DoubleModel(takes_images=True)
+    p = host.process_images(Processing(host, sd_model=edit, negative_prompt=""), with_image(ON, negative_picture()))
+    assert p.trace and all(s["guided"] for s in p.trace) and p.comments == {}
+    assert "VSF negative image" in p.extra_generation_params
+    assert_untouched(host, p)
+
+
+def test_negative_image_on_a_model_without_reference_images_is_refused_and_the_next_image_is_untouched(host):
+    import torch
+
+    torch.manual_seed(99)
+    alone = host.process_images(Img2ImgProcessing(host), ON).samples
+    torch.manual_seed(99)
+    refused = Img2ImgProcessing(host)
+    with pytest.raises(VSFSettingsError, match="a negative image needs a model that takes reference images"):
+        host.process_images(refused, host.api_args(with_image(ON, as_base64(negative_picture()))))
+    assert refused.init_latent is None and refused.trace == [] and refused.extra_generation_params == {}
+    assert refused.sd_model.encoded == [] and refused.sd_model.encoded_images == []
+    host.run_hook("postprocess", refused)
+    assert "sample" not in vars(refused) and "init" not in vars(refused)
+    assert torch.equal(host.process_images(Img2ImgProcessing(host), ON).samples, alone)
+    # an unreadable image is refused the same way, on any model; with VSF off the slot is not looked at
+    with pytest.raises(VSFSettingsError, match="Value Sign Flip: VSF negative image is not valid base64"):
+        host.process_images(Processing(host, sd_model=DoubleModel(takes_images=True)),
+                            host.api_args([{"negative_image": "%%%"}]))
+    off = host.process_images(Processing(host), with_image(host.ui_defaults(), negative_picture()))
+    assert not any(s["patched"] for s in off.trace) and off.extra_generation_params == {}
+
+
+def test_xyz_over_alpha_keeps_the_negative_image(host):
+    host.callbacks["before_ui"][0]()
+    image = negative_picture(seed=5)
+    edit = DoubleModel(takes_images=True)
+    cells = host.run_xyz(Processing(host, sd_model=edit), [("[VSF] Alpha", [1.0, 4.0])], with_image(ON, image))
+    assert not host.hook_errors
+    assert [c.extra_generation_params["VSF alpha"] for c in cells] == ["1", "4"]
+    assert len({c.extra_generation_params["VSF negative image"] for c in cells}) == 1
+    assert [{s["alpha"] for s in c.trace} for c in cells] == [{1.0}, {4.0}] and all(s["guided"] for c in cells for s in c.trace)
+    assert edit.encoded_images == [image, image]  # each cell encodes the image it was given
+    # the grid over a model without reference images is refused in each cell, not silently run without it
+    plain_cells = host.run_xyz(Processing(host), [("[VSF] Alpha", [1.0])], with_image(ON, image))
+    assert plain_cells == [None] and "negative image needs a model" in host.hook_errors[-1]
+
+
+def test_forge_wrapper_gives_the_negative_image_to_cond_rows_only():
+    """CFG kept: the model call's uncond rows see neither the negative text nor the negative image."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lib_vsf.state import GuidanceRun, NegativeText
+    from lib_vsf.webui.hosts._forge_sampling import attach_forge
+    from lib_vsf.webui.hosts._reference_tokens import ReferenceLatent
+    from lib_vsf.webui.hosts.base import SamplingContext
+
+    class Patcher:
+        def __init__(self):
+            self.model_options = {}
+
+        def clone(self):
+            return Patcher()
+
+        def set_model_unet_function_wrapper(self, fn):
+            self.model_options["model_function_wrapper"] = fn
+
+    p = SimpleNamespace(sd_model=SimpleNamespace(forge_objects=SimpleNamespace(unet=Patcher())))
+    run = GuidanceRun(VSFSettings())
+    run.negative_image = ReferenceLatent(torch.zeros(1, 16, 4, 4), 4)
+    seen = []
+
+    def apply_model(x, t, **c):
+        seen.append((c["c_crossattn"].shape[1], run.text_len, run.negative_len, run.negative_image_len,
+                     None if run.negative_mask is None else run.negative_mask.tolist()))
+        return x
+
+    for texts in ([torch.ones(2, 4)], [torch.ones(0, 4)]):  # a negative prompt, then an empty one
+        attach_forge(p, SamplingContext(run, NegativeText.from_sequences(texts), single_pass=False))
+        wrapper = p.sd_model.forge_objects.unet.model_options["model_function_wrapper"]
+        wrapper(apply_model, {"input": "x", "timestep": "t", "c": {"c_crossattn": torch.zeros(2, 5, 4)},
+                              "cond_or_uncond": [0, 1]})
+    assert seen[0] == (7, 7, 6, 4, [[True] * 6, [False] * 6])  # [P, N_txt] text; image tokens for the cond row
+    assert seen[1] == (5, 5, 4, 4, [[True] * 4, [False] * 4])  # nothing appended to the text
+    assert run.negative_len == 0  # the call's text stream is cleared after it

@@ -217,11 +217,13 @@ class DoubleModel:
     `a1111_single_pass=True`: the adapter forces its single pass the A1111 way (the `skip_early_cond`
     option, `A1111SD3Adapter._force_single_pass`), as the A1111 SD3 and UNet adapters do."""
 
-    def __init__(self, supported=True, a1111_single_pass=False, image_grid=None):
+    def __init__(self, supported=True, a1111_single_pass=False, image_grid=None, takes_images=False):
         self.is_double = supported
         self.a1111_single_pass = a1111_single_pass
         self.image_grid = image_grid  # (h, w) image tokens: the model makes outputs (module docstring)
+        self.takes_images = takes_images  # an edit model: takes reference images, so a negative image
         self.encoded: list[list[str]] = []
+        self.encoded_images: list = []  # each negative image the adapter encoded (PIL)
         self.attached: list[SamplingContext] = []
         self.undone = 0
 
@@ -245,6 +247,15 @@ class DoubleAdapter(HostAdapter):
     def encode_negative(self, p, negative_prompts, settings):
         self.sd_model.encoded.append(list(negative_prompts))
         return NegativeText.from_sequences([torch.ones(len(x.split()), 4) for x in negative_prompts])
+
+    def takes_negative_image(self):
+        return self.sd_model.takes_images
+
+    def encode_negative_image(self, p, image):
+        from lib_vsf.webui.hosts._reference_tokens import ReferenceLatent
+
+        self.sd_model.encoded_images.append(image)
+        return ReferenceLatent(torch.ones(1, 4, 2, 2), 1)
 
     def attach(self, p, ctx):
         if ctx.single_pass and self.sd_model.a1111_single_pass:

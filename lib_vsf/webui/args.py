@@ -142,7 +142,7 @@ def negative_image(value: Any) -> Any:
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return value if value.mode == "RGB" else value.convert("RGB")
     if not isinstance(value, str):
         raise VSFSettingsError(f"VSF negative image must be a base64-encoded image, got {type(value).__name__}")
     import base64
