@@ -53,15 +53,25 @@ def main():
     print("gradio", gr.__version__)
     with gr.Blocks() as demo:
         parts = ui.build(gr, InputAccordion, is_img2img=False)
-    check(len(parts.components) == len(UI_ARGS), "ten components in UI_ARGS order")
+    check(len(parts.components) == len(UI_ARGS), "eleven components in UI_ARGS order")
     kinds = [type(c).__name__ for c in parts.components]
-    check(kinds[1:3] == ["Dropdown", "Dropdown"] and kinds[3:8] == ["Slider"] * 5 and kinds[8:] == ["Checkbox"] * 2,
-          f"component kinds {kinds}")
+    check(kinds[1:3] == ["Dropdown", "Dropdown"] and kinds[3:8] == ["Slider"] * 5 and kinds[8:10] == ["Checkbox"] * 2
+          and kinds[10] == "Image", f"component kinds {kinds}")
+    image = parts.components[10]
+    check(image.type == "pil" and image.image_mode == "RGB" and image.value is None, "negative image: PIL RGB, empty")
+    # what gradio hands the script for an upload (its own postprocess -> preprocess round trip): a PIL image,
+    # which the arguments take as the negative image
+    from PIL import Image
+    uploaded = image.preprocess(image.postprocess(Image.new("RGB", (8, 6), (10, 20, 30))))
+    parsed = parse_script_args([True, "VSF", "VSF Quality", 3.3, 0.2, 0.0, 0.0, 1.0, True, False, uploaded])
+    check(isinstance(uploaded, Image.Image) and parsed.negative_image.size == (8, 6),
+          "an uploaded image parses as the negative image")
     defaults = [c.value for c in parts.components]
     args = parse_script_args(defaults)
     check(not args.enabled and args.single_pass and args.preset == "Model default", f"defaults parse: {defaults}")
     # "Show where the negative acts" is not in the infotext (the map never changes the image): no paste field
-    check([id(c) for c, _ in parts.infotext_fields] == [id(c) for c in parts.components[:-1]],
+    # nor the negative image (the infotext holds its hash only): no paste field for either
+    check([id(c) for c, _ in parts.infotext_fields] == [id(c) for c in parts.components[:-2]],
           "infotext_fields for every other control")
     fns = [f.fn for f in demo.fns] if isinstance(demo.fns, list) else [f.fn for f in demo.fns.values()]
     check(len(fns) == 4, f"4 listeners wired (preset + method/alpha/beta), got {len(fns)}")
