@@ -9,7 +9,7 @@ goes through `model_options["model_function_wrapper"](apply_model, {"input", "ti
 `forge_objects` from `forge_objects_after_applying_lora` before every pass, so the clone dies with the
 pass and LoRA patches carry over), installs a wrapper that appends the negative tokens to
 `c["c_crossattn"]` for COND chunks of guided steps (UNCOND chunks get masked-out rows) and records the
-text stream in the `GuidanceRun`, chaining any wrapper another extension set before. One conditional
+text stream in the `GuidanceRun` (with the run's negative image, if any, marked for the COND rows only), chaining any wrapper another extension set before. One conditional
 pass: a conditioning modifier returns `cond_scale = 1` and no uncond (Forge itself drops uncond at
 `cond_scale == 1`; `p.uc` is None at CFG 1, which is why the negative is encoded by the extension,
 `_negative_text.py`, not taken from the host's uncond).

@@ -20,6 +20,10 @@ image tokens, so both block kinds see `[P, N0, I, R]`. The adapter wraps the mod
 (`_reference_tokens.ImageStream`) to know how many of the tokens after the text are the generated image;
 the rest are `R` (`TokenLayout.reference`): R rows attend to I, P, R, N0 rows to I, R, N0, and only image
 rows see N1 (VSF-SPEC "Families beyond the paper").
+
+Negative images (Kontext only: `dynamic_args["kontext"]`, docs/negative-images.md "Forge Neo"): encoded as
+the engine encodes a reference, appended by the wrapped `forward` as the next reference for guided calls,
+and moved to `[P, N_txt | N_img, I, R]` for the guided attention (`_reference_tokens.guided_joint_call`).
 """
 from __future__ import annotations
 

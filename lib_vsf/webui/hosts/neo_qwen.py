@@ -24,6 +24,10 @@ is redone). Everything else in a block is per token. VSF (VSF-SPEC "Families bey
   (`_reference_tokens.ImageStream`) to know where the image ends; the rest are `R` tokens: R rows attend
   to I, P, R, N0 rows to I, R, N0, only image rows see N1. The negative pass of Neo's Edit encodes the
   negative prompt without the input images (text template), and so does the adapter.
+- Negative images (Edit only: `dynamic_args["edit"]`, docs/negative-images.md "Forge Neo"): encoded by the
+  engine's own `encode_vision`, appended by the wrapped `forward` as the next reference (Neo gives it the
+  next frame index), moved to `[P, N_txt | N_img, I, R]` for the guided attention
+  (`_reference_tokens.guided_joint_call`); the text negative's MSRoPE fix above touches text rows only.
 """
 from __future__ import annotations
 
