@@ -131,15 +131,24 @@ def test_refused_img2img_leaves_the_next_image_exactly_as_it_would_have_been(hos
     # a request refused only in p.sample has already moved that RNG, and the next img2img differs.
     import torch
 
-    torch.manual_seed(1234)
-    alone = host.process_images(Img2ImgProcessing(host), ON).samples
-    torch.manual_seed(1234)
-    refused = Img2ImgProcessing(host)
-    with pytest.raises(VSFSettingsError, match="alpha must be between"):
-        host.process_images(refused, host.api_args([{"alpha": 500}]))
-    assert refused.init_latent is None and refused.extra_generation_params == {}  # the host's init never ran
+    alone, _ = refused_img2img(host, [{"alpha": 500}], "alpha must be between", seed=1234)
     after = host.process_images(Img2ImgProcessing(host), ON).samples
     assert torch.equal(after, alone)
+
+
+def refused_img2img(host, api_args, match, seed):
+    """The img2img of `seed` made alone, and an img2img of the same seed refused for `api_args` (its
+    error matching `match`) before the host's init ran; the caller checks the next img2img."""
+    import torch
+
+    torch.manual_seed(seed)
+    alone = host.process_images(Img2ImgProcessing(host), ON).samples
+    torch.manual_seed(seed)
+    refused = Img2ImgProcessing(host)
+    with pytest.raises(VSFSettingsError, match=match):
+        host.process_images(refused, host.api_args(api_args))
+    assert refused.init_latent is None and refused.extra_generation_params == {}  # the host's init never ran
+    return alone, refused
 
 
 # -- unsupported models and changed hosts ------------------------------------------------------------------
@@ -503,13 +512,9 @@ def test_negative_image_alone_guides_without_a_negative_prompt(host):
 def test_negative_image_on_a_model_without_reference_images_is_refused_and_the_next_image_is_untouched(host):
     import torch
 
-    torch.manual_seed(99)
-    alone = host.process_images(Img2ImgProcessing(host), ON).samples
-    torch.manual_seed(99)
-    refused = Img2ImgProcessing(host)
-    with pytest.raises(VSFSettingsError, match="a negative image needs a model that takes reference images"):
-        host.process_images(refused, host.api_args(with_image(ON, as_base64(negative_picture()))))
-    assert refused.init_latent is None and refused.trace == [] and refused.extra_generation_params == {}
+    alone, refused = refused_img2img(host, with_image(ON, as_base64(negative_picture())),
+                                     "a negative image needs a model that takes reference images", seed=99)
+    assert refused.trace == []
     assert refused.sd_model.encoded == [] and refused.sd_model.encoded_images == []
     host.run_hook("postprocess", refused)
     assert "sample" not in vars(refused) and "init" not in vars(refused)
