@@ -138,6 +138,10 @@ SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24,
 SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=16,
                 num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=64,
                 pooled_projection_dim=32, out_channels=4, pos_embed_max_size=32, qk_norm="rms_norm")
+# 4-layer SD3 at 512x512-equivalent shapes (1024 image tokens, 8 heads of 64): big enough on CPU for
+# attention, not Python, to dominate a forward (the tiny preset's is ~3 ms), small enough to time in minutes.
+SD3_CPU = dict(SD3_TINY, sample_size=64, num_layers=4, attention_head_dim=64, num_attention_heads=8,
+               joint_attention_dim=256, caption_projection_dim=512, pooled_projection_dim=64, pos_embed_max_size=64)
 FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
                 num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
                 guidance_embeds=True, axes_dims_rope=(16, 56, 56))
@@ -170,6 +174,8 @@ QWEN_IMAGE_TINY = dict(QWEN_IMAGE, in_channels=16, out_channels=4, num_layers=2,
 PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", "SD3Transformer2DModel", SD3_TINY, "sd3", "joint", 4, 16, 64, 12, 3, False, False,
                    _sd3_inputs, note="2-layer SD3, 128x128 equivalent; CPU smoke test"),
+    "sd3-cpu": Preset("sd3-cpu", "SD3Transformer2DModel", SD3_CPU, "sd3", "joint", 8, 64, 1024, 77, 12, False,
+                      False, _sd3_inputs, note="4-layer SD3, 512x512 equivalent; CPU timings where attention dominates"),
     "sd35-large": Preset("sd35-large", "SD3Transformer2DModel", SD35_LARGE, "sd3", "joint", 38, 64, 4096, 333, 8,
                          False, False, _sd3_inputs, note="1024x1024; [I, P, N0]"),
     "sd35-medium": Preset("sd35-medium", "SD3Transformer2DModel", SD35_MEDIUM, "sd3", "joint", 24, 64, 4096, 333,

@@ -307,21 +307,22 @@ def forward_section(p: Preset, device, dtype, warmup, repeats, batch=1, referenc
                 if name in ("vsf_fast", "vsf_fast_torch", "vsf_reference", "vsf_fast_map"):
                     outputs[name] = fwd(gkw).float()
         if ab_rounds:
-            ab = {"unguided": [], "vsf_fast": [], "vsf_fast_torch": []}
-            if negative_map:
-                ab["vsf_fast_map"] = []
-            for _ in range(ab_rounds):
+            guided_names = ["vsf_fast", "vsf_fast_torch"] + (["vsf_fast_map"] if negative_map else [])
+            ab = {name: [] for name in ["unguided"] + guided_names}
+            for r in range(ab_rounds):
                 ab["unguided"].append(timed(lambda: fwd(kwargs), device, 1, 5)["median_ms"])
-                with guided_inputs(model, p, METHODS["vsf"], kwargs, negative) as gkw:
-                    for name in ("vsf_fast", "vsf_fast_torch"):
-                        with triton_disabled(name == "vsf_fast_torch"):
-                            ab[name].append(timed(lambda: fwd(gkw), device, 1, 5)["median_ms"])
-                if negative_map:
-                    with guided_inputs(model, p, METHODS["vsf"], kwargs, negative, True) as gkw:
-                        ab["vsf_fast_map"].append(timed(lambda: fwd(gkw), device, 1, 5)["median_ms"])
+                # The guided variants' order rotates round by round, so that a place in the round (the one
+                # after unguided, say) costs every variant alike.
+                for name in guided_names[r % len(guided_names):] + guided_names[:r % len(guided_names)]:
+                    with guided_inputs(model, p, METHODS["vsf"], kwargs, negative, name == "vsf_fast_map") as gkw, \
+                            triton_disabled(name == "vsf_fast_torch"):
+                        ab[name].append(timed(lambda: fwd(gkw), device, 1, 5)["median_ms"])
             base = statistics.median(ab["unguided"])
             checks["ab_interleaved"] = {name: {"median_ms": round(statistics.median(t), 4),
                                                "ratio": round(statistics.median(t) / base, 3),
+                                               # median over rounds of this round's time / vsf_fast's
+                                               "paired_vs_vsf_fast": round(statistics.median(
+                                                   a / b for a, b in zip(t, ab["vsf_fast"])), 4),
                                                "round_medians_ms": t} for name, t in ab.items()}
         if profile and device.type == "cuda":
             with guided_inputs(model, p, METHODS["vsf"], kwargs, negative) as gkw:
