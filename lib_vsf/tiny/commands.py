@@ -14,7 +14,7 @@ def add_subcommands(sub) -> None:
         tr.add_argument(f"--{name}", type=int, default=train.DEFAULTS[name])
     tr.add_argument("--lr", type=float, default=train.DEFAULTS["lr"])
     tr.add_argument("--stop-after", type=int, default=train.DEFAULTS["stop_after"],
-                    help="end after this many steps of the --steps schedule (the bundled weights: 304 of 720)")
+                    help="end after this many steps of the --steps schedule (the bundled weights: the whole 1200-step schedule)")
     tr.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
 
     bn = sub.add_parser("bench-neg", help="mini NegGenBench on the tiny model: positive / negative / quality / time")

@@ -107,10 +107,19 @@ def build_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     tok = tokenizer()
-    return StableDiffusion3Pipeline(
+    pipe = StableDiffusion3Pipeline(
         transformer=transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0), vae=identity_vae(),
         text_encoder=text_encoder(len(tok)), tokenizer=tok, text_encoder_2=text_encoder(len(tok)),
         tokenizer_2=tokenizer(), text_encoder_3=None, tokenizer_3=None)
+    # No pooled text embedding: both encoders' projections are zero and stay so (not trained), so the
+    # pooled input of every block's modulation carries no caption and the caption reaches the image
+    # only through joint attention over the text tokens, where VSF acts. With a pooled caption a model
+    # this small reads its prompt mostly from the modulation, and a negative in attention has little to act on.
+    with torch.no_grad():
+        for enc in (pipe.text_encoder, pipe.text_encoder_2):
+            enc.text_projection.weight.zero_()
+            enc.text_projection.requires_grad_(False)
+    return pipe
 
 
 def bundled_path() -> Path:

@@ -19,7 +19,7 @@ import torch
 
 from . import data, model
 
-DEFAULTS = dict(steps=720, batch=32, lr=1e-3, warmup=100, caption_dropout=0.1, seed=0, stop_after=304)
+DEFAULTS = dict(steps=1200, batch=32, lr=1e-3, warmup=100, caption_dropout=0.1, seed=0, stop_after=1200)
 
 
 def encode(pipe, captions):
@@ -51,7 +51,7 @@ def train(steps: int = DEFAULTS["steps"], batch: int = DEFAULTS["batch"], lr: fl
     modules = [pipe.transformer, pipe.text_encoder, pipe.text_encoder_2]
     for m in modules:
         m.train()
-    params = [p for m in modules for p in m.parameters()]
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]  # not the zero projections
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.99))
     losses, start = [], time.time()
     for step in range(steps if stop_after is None else min(stop_after, steps)):
