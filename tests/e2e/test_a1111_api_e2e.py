@@ -261,7 +261,9 @@ def test_01_baseline_is_plain(fam):
 @pytest.mark.parametrize("form", ["positional", "dict"])
 def test_02_vsf_list_and_dict_forms(fam, form):
     if form == "positional":
-        args = fam.server.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2})
+        # "Custom": with the preset at "Model default", 3.3 and 0.2 (the sliders' defaults) would give
+        # the model's own numbers (SD3: 3.5 / 0.1), while the dict form names its numbers.
+        args = fam.server.vsf_positional({"method": "VSF", "preset": "Custom", "alpha": 3.3, "beta": 0.2})
         data = fam.txt2img_ok("VSF positional", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
         fam.results["positional"] = data
     else:

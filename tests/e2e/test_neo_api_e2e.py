@@ -103,6 +103,17 @@ def vsf_args(**settings) -> dict:
     return {SCRIPT_TITLE: {"args": [dict(VSF, **settings)]}}
 
 
+def vsf_list(neo, **labels) -> list:
+    """The positional list that means what the dict VSF means: preset "Custom" with VSF's alpha and
+    beta, and the model's own lambda, which the dict form keeps (it names alpha and beta over the model
+    default: Flux 8). A positional "Custom" list takes the lambda slider as it is (0 by default)."""
+    from lib_vsf.settings import FAMILY_DEFAULTS
+
+    lam = FAMILY_DEFAULTS.get(neo.family, FAMILY_DEFAULTS["unet"]).flux_lambda
+    return neo.vsf_positional({"method": "VSF", "preset": "Custom", "alpha": VSF["alpha"], "beta": VSF["beta"],
+                               "flux lambda": lam, **labels})
+
+
 def image(data: dict, k: int = 0):
     return decode_image(data["images"][k]).astype(int)
 
@@ -177,11 +188,10 @@ def test_baseline_is_plain(neo):
 
 @pytest.mark.parametrize("form", ["positional", "dict"])
 def test_a_vsf_runs_from_api(neo, form):
-    # "Custom": a positional list at the UI defaults with the preset left at "Model default" gets the
-    # model's own numbers (Flux: alpha 6.0), since 3.3 and 0.2 are the sliders' defaults; the dict form
-    # names its numbers, so they hold on every family.
-    args = (neo.vsf_positional({"method": "VSF", "preset": "Custom", "alpha": 3.3, "beta": 0.2})
-            if form == "positional" else [dict(VSF)])
+    # "Custom" (see vsf_list): a positional list at the UI defaults with the preset left at "Model
+    # default" gets the model's own numbers (Flux: alpha 6.0), since 3.3 and 0.2 are the sliders'
+    # defaults; the dict form names its numbers over the model default, so its lambda is the model's.
+    args = vsf_list(neo) if form == "positional" else [dict(VSF)]
     data = neo.txt2img_ok(f"[{neo.family}] (a) VSF {form} args", alwayson_scripts={SCRIPT_TITLE: {"args": args}})
     _assert_vsf_infotext(infotexts(data)[0])
     assert max_diff(image(data), image(neo.baseline)) > 0, "VSF image equals the unguided one"
@@ -235,13 +245,13 @@ def test_h_negative_map_only_when_asked(neo):
     for m in maps:
         picture = decode_image(m)
         assert picture.shape[1] >= 256 and picture.shape[0] > picture.shape[1], picture.shape  # map + label
-    as_list = neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2, "show where": True})
+    as_list = vsf_list(neo, **{"show where": True})
     one = neo.txt2img_ok(f"[{neo.family}] (h) VSF positional, show map",
                          alwayson_scripts={SCRIPT_TITLE: {"args": as_list}})
     assert len(extra_images(one)) == 1
     without = neo.results.get("positional") or neo.txt2img_ok(
         f"[{neo.family}] (h) VSF positional, no map",
-        alwayson_scripts={SCRIPT_TITLE: {"args": neo.vsf_positional({"method": "VSF", "alpha": 3.3, "beta": 0.2})}})
+        alwayson_scripts={SCRIPT_TITLE: {"args": vsf_list(neo)}})
     assert extra_images(without) == []
     assert (image(one) == image(without)).all(), "the map changed the image"
     nag = neo.txt2img_ok(f"[{neo.family}] (h) NAG, show_map", alwayson_scripts={SCRIPT_TITLE: {"args": [
