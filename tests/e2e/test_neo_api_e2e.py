@@ -459,7 +459,9 @@ def test_g_interrupt_then_next_request_unchanged(neo):
 
     worker = threading.Thread(target=long_request, daemon=True)
     worker.start()
-    deadline = time.monotonic() + 120
+    # Until the first step: the prompt, negative and null encodes come first, which with the full-size
+    # T5-XXL of the Flux/Chroma/Wan checkpoints on CPU can take minutes (seen: over 120 s on Flux).
+    deadline = time.monotonic() + neo.request_timeout
     while time.monotonic() < deadline:
         state = neo.progress().get("state") or {}
         if state.get("sampling_step", 0) >= 1:
