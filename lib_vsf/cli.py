@@ -89,17 +89,17 @@ def resolve_settings(args, family: str) -> VSFSettings:
     return VSFSettings.from_dict({("lambda" if k == "flux_lambda" else k): v for k, v in overrides.items()}, base=base)
 
 
-def _absent_components(model: str | None) -> dict:
+def _absent_components(model: str) -> dict:
     """{name: None} for the components a local pipeline directory saved as absent (`[null, null]` in its
-    model_index.json, e.g. a pipeline without T5 such as one written by `train-tiny`): diffusers wants
-    them passed explicitly. A hub id or a directory without the file: {}."""
-    index = Path(model) / "model_index.json" if model else None
-    if index is None or not index.is_file():
+    model_index.json, e.g. a pipeline without T5 such as the bundled tiny model or one written by
+    `train-tiny`): diffusers wants them passed explicitly. A hub id or a directory without the file: {}."""
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
         return {}
     import json
 
     entries = json.loads(index.read_text())
-    return {k: None for k, v in entries.items() if not k.startswith("_") and v in ([None, None], None)}
+    return {k: None for k, v in entries.items() if not k.startswith("_") and v == [None, None]}
 
 
 def _load(args):
@@ -108,12 +108,10 @@ def _load(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype_name = args.dtype or ("bfloat16" if device == "cuda" else "float32")
-    model, extra = args.model, _absent_components(args.model)
-    if model is None:
-        from .tiny.model import LOAD_KWARGS, bundled_path
+    from .tiny.model import bundled_path
 
-        model, extra = str(bundled_path()), LOAD_KWARGS
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype_name), **extra)
+    model = args.model or str(bundled_path())
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype_name), **_absent_components(model))
     return pipe.to(device), device
 
 
