@@ -1,6 +1,7 @@
 """Random-weight single-file checkpoints that Forge Neo loads, for the opt-in e2e tests.
 
-    python make_tiny_neo_checkpoint.py --neo-dir NEO --family {sd15,sdxl,flux,chroma,wan} [--out FILE] [--seed N]
+    python make_tiny_neo_checkpoint.py --neo-dir NEO --family {sd15,sdxl,flux,chroma,wan,zimage,flux2}
+                                       [--out FILE] [--seed N]
 
 Run it with Neo's own python (its venv): the tensor names and shapes come from Neo's own model classes,
 built on the meta device, so what is written is exactly what Neo's loader expects. Values are random
@@ -21,6 +22,13 @@ What Neo's detection fixes, and so what each family costs on disk:
           full T5-XXL (fp8) and VAE: about 6.4 GB
   wan     Wan 2.1 T2V transformer dim 256 (2 heads, ffn 512, 1 block), full UMT5-XXL (fp8), full Wan VAE:
           about 6.1 GB
+  zimage  Z-Image (Turbo) NextDiT: detection matches dim 3840 exactly (30 heads fixed) and counts the layers,
+          the 2 noise and 2 context refiners are NextDiT's default: 1 layer + refiners, 909M parameters
+          (bf16, with the caption pad token that makes it Z-Image and not Lumina 2); full Qwen3-4B text
+          encoder (fp8, its bundled config fixes the size), Flux VAE: about 6.0 GB
+  flux2   Flux.2 Klein 4B: detection matches hidden size 3072 (24 heads; 4096 would be Klein 9B) and counts
+          the blocks: 1 double + 1 single block, 563M parameters (bf16); full Qwen3-4B (fp8), the Flux.2 VAE
+          (32 latent channels): about 5.3 GB
 Default output: <neo>/models/Stable-diffusion/vsf-tiny-<family>.safetensors.
 """
 from __future__ import annotations
@@ -235,10 +243,118 @@ def build_wan(neo: str, rnd: RandomTensors) -> dict:
     return sd
 
 
-BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "flux": build_flux, "chroma": build_chroma, "wan": build_wan}
+def _neo_unet_config(skeleton: dict, prefix: str) -> dict:
+    """The config Neo's loader builds the diffusion model with, for a checkpoint with these keys and
+    shapes: what its detection fixes (`huggingface_guess`), the rest counted from the names."""
+    from huggingface_guess.detection import model_config_from_unet
+
+    cfg = dict(model_config_from_unet(skeleton, prefix).unet_config)
+    cfg.pop("image_model", None)  # as huggingface_guess.guess() does
+    return cfg
+
+
+def _qwen3_4b(neo_hf_dir: str, prefix: str, rnd: RandomTensors) -> dict:
+    """Qwen3-4B (Z-Image's and Klein 4B's text encoder) at the size its bundled config fixes; fp8 matrices
+    and fp16 1-D tensors as `_t5`. Neo's Llama layers pass `add=` to RMSNorm, which only Neo's own RMSNorm
+    takes: it stands in for torch's while the model is built (not the rest of Neo's operations, whose Linear
+    has no weight until one is loaded)."""
+    import torch
+    from backend.nn.llm.llama import Qwen3_4B
+    from backend.operations import ForgeOperations
+    from backend.utils import read_arbitrary_config
+
+    cfg = read_arbitrary_config(neo_hf_dir)
+
+    def build():
+        plain, torch.nn.RMSNorm = torch.nn.RMSNorm, ForgeOperations.RMSNorm
+        try:
+            return Qwen3_4B(cfg)
+        finally:
+            torch.nn.RMSNorm = plain
+
+    return rnd.module(build, prefix, torch.float8_e4m3fn, small_1d_dtype=torch.float16)
+
+
+def build_zimage(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.lumina import NextDiT
+    from backend.nn.vae import IntegratedAutoencoderKL
+    from backend.utils import read_arbitrary_config
+
+    hf = os.path.join(neo, "backend", "huggingface", "Tongyi-MAI", "Z-Image-Turbo")
+    dit = read_arbitrary_config(os.path.join(hf, "transformer"))
+    p = "model.diffusion_model."
+    # dim and caption width fixed; one unified layer; the caption pad token makes it Z-Image
+    skeleton = {p + "cap_embedder.1.weight": torch.empty(dit["dim"], dit["cap_feat_dim"]),
+                p + "layers.0.attention_norm1.weight": torch.empty(dit["dim"]),
+                p + "cap_pad_token": torch.empty(1, dit["dim"])}
+    cfg = _neo_unet_config(skeleton, p)
+    sd = rnd.module(lambda: NextDiT(**cfg), p, torch.bfloat16)
+    vae_cfg = IntegratedAutoencoderKL.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: IntegratedAutoencoderKL.from_config(vae_cfg), "vae.", torch.float16))
+    sd.update(_qwen3_4b(os.path.join(hf, "text_encoder"), "text_encoders.qwen3_4b.transformer.", rnd))
+    return sd
+
+
+def build_flux2(neo: str, rnd: RandomTensors) -> dict:
+    import torch
+    from backend.nn.flux import IntegratedFluxTransformer2DModel
+    from backend.nn.vae import AutoencoderKLFlux2
+    from backend.utils import read_arbitrary_config
+
+    hf = os.path.join(neo, "backend", "huggingface", "black-forest-labs", "FLUX.2-klein-4B")
+    dit = read_arbitrary_config(os.path.join(hf, "transformer"))
+    p = "model.diffusion_model."
+    # BFL names; the global modulation makes it Flux.2; hidden 3072 (Klein 4B), 1 double + 1 single block
+    hidden = dit["num_attention_heads"] * dit["attention_head_dim"]
+    skeleton = {p + "img_in.weight": torch.empty(hidden, dit["in_channels"]),
+                p + "txt_in.weight": torch.empty(hidden, dit["joint_attention_dim"]),
+                p + "double_blocks.0.img_attn.norm.key_norm.scale": torch.empty(dit["attention_head_dim"]),
+                p + "double_stream_modulation_img.lin.weight": torch.empty(6 * hidden, hidden),
+                p + "single_blocks.0.linear1.weight": torch.empty(1, 1)}
+    cfg = _neo_unet_config(skeleton, p)
+    sd = rnd.module(lambda: IntegratedFluxTransformer2DModel(**cfg), p, torch.bfloat16, rename=_bfl_norm_names)
+    vae_cfg = AutoencoderKLFlux2.load_config(os.path.join(hf, "vae"))
+    sd.update(rnd.module(lambda: AutoencoderKLFlux2.from_config(vae_cfg), "vae.", torch.float16))
+    # the latent batch norm's statistics: unit variance, and its step counter an integer as torch keeps it
+    sd["vae.bn.running_var"] = torch.ones_like(sd["vae.bn.running_var"])
+    sd["vae.bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    sd.update(_qwen3_4b(os.path.join(hf, "text_encoder"), "text_encoders.qwen3_4b.transformer.", rnd))
+    return sd
+
+
+BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "flux": build_flux, "chroma": build_chroma, "wan": build_wan,
+            "zimage": build_zimage, "flux2": build_flux2}
 # the class Neo's detection (huggingface_guess.model_list) must pick for each family's checkpoint
-DETECTED = {"sd15": "SD15", "sdxl": "SDXL", "flux": "Flux", "chroma": "Chroma", "wan": "WAN21_T2V"}
-SEEDS = {"sd15": 1234, "sdxl": 2468, "flux": 4321, "chroma": 99, "wan": 777}
+DETECTED = {"sd15": "SD15", "sdxl": "SDXL", "flux": "Flux", "chroma": "Chroma", "wan": "WAN21_T2V",
+            "zimage": "ZImage", "flux2": "Flux2K4B"}
+SEEDS = {"sd15": 1234, "sdxl": 2468, "flux": 4321, "chroma": 99, "wan": 777, "zimage": 3840, "flux2": 3072}
+
+
+_SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float8_e4m3fn": "F8_E4M3",
+                       "int64": "I64"}
+
+
+def save_safetensors(sd: dict, path: str) -> None:
+    """What `safetensors.torch.save_file` writes, without its in-memory copy of every tensor (it builds the
+    bytes of the whole file first, doubling the peak): the header, then each tensor from its own storage."""
+    import json
+
+    import torch
+
+    header, offset = {}, 0
+    for name, t in sd.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in sd.values():
+            f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def main() -> int:
@@ -253,7 +369,6 @@ def main() -> int:
     _neo_imports(neo)
 
     import huggingface_guess
-    from safetensors.torch import save_file
 
     t0 = time.time()
     rnd = RandomTensors(args.seed if args.seed is not None else SEEDS[args.family])
@@ -268,7 +383,7 @@ def main() -> int:
         return 1
     os.makedirs(os.path.dirname(out), exist_ok=True)
     tmp = out + ".partial"
-    save_file(sd, tmp)
+    save_safetensors(sd, tmp)
     os.replace(tmp, out)
     print(f"saved {out} ({os.path.getsize(out) / 1e9:.2f} GB, {time.time() - t0:.0f} s)")
     return 0

@@ -6,7 +6,8 @@ Skipped unless both are set:
     VSF_NEO_PYTHON=<its venv's python>  (tests/e2e/setup_neo_env.sh builds both)
 
 Optional: VSF_NEO_FAMILIES (space-separated, default "sd15"; also "sdxl" (a 2 GB checkpoint), "flux",
-"chroma", "wan" (each a 5-7 GB checkpoint with full-size T5/UMT5); a missing checkpoint is built by
+"chroma", "wan" (each a 5-7 GB checkpoint with full-size T5/UMT5), "zimage", "flux2" (Z-Image, Flux.2
+Klein 4B: 5-6 GB each with full-size Qwen3-4B); a missing checkpoint is built by
 make_tiny_neo_checkpoint.py), plus the
 harness knobs of webui_server.py (VSF_E2E_PORT, VSF_E2E_LOG_DIR, VSF_E2E_STARTUP_TIMEOUT, ...).
 
@@ -74,6 +75,9 @@ FAMILY = {
     "flux": {"preset": "flux", "request": {"distilled_cfg_scale": 3.5}},
     "chroma": {"preset": "flux", "request": {}},
     "wan": {"preset": "wan", "request": {}},
+    # Z-Image takes its shift from distilled_cfg_scale (the UI's "Shift"): the model's own 3, not the API's 3.5
+    "zimage": {"preset": "zit", "request": {"distilled_cfg_scale": 3.0}},
+    "flux2": {"preset": "klein", "request": {}},  # Klein: no guidance embedding, no shift slider
 }
 STEPS = 4
 BASE_REQUEST = {
