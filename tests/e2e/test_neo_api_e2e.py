@@ -403,6 +403,9 @@ def test_e_one_step_window_is_guided(neo, window):
 def test_e_batch_equals_each_image_alone(neo):
     """Tolerance: the host's own unguided batch-vs-single difference in this run (CPU batches differ
     by up to 1/255 in the hosts' own unguided batches), plus one level."""
+    if neo.family == "wan":
+        # processing.process_images_inner: batch_size is the video's frame count, rounded to 4k + 1
+        pytest.skip("Neo's Wan takes batch_size as the frame count (2 becomes 1 frame): no batch of seeds")
     plain_batch = neo.txt2img_ok(f"[{neo.family}] (e) unguided batch of 2", batch_size=2)
     plain_43 = neo.txt2img_ok(f"[{neo.family}] (e) unguided seed 43 alone", seed=43)
     host_noise = max(max_diff(image(plain_batch, 0), image(neo.baseline)), max_diff(image(plain_batch, 1), image(plain_43)))
