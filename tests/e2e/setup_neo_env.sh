@@ -17,9 +17,9 @@
 #                     setuptools==69.5.1 pin rules out torch 2.14 (it needs setuptools >= 77), and a
 #                     torch/torchvision pair from different builds fails with 'torchvision::nms')
 #   TORCH_INDEX_URL   extra index for torch, e.g. https://download.pytorch.org/whl/cpu for CPU-only wheels
-#   FAMILIES          checkpoints to build: any of "sd15 sdxl flux chroma wan" (default "sd15"; sd15 and
-#                     sdxl are about 2.1 GB each, flux/chroma/wan write full-size T5-XXL / UMT5-XXL text
-#                     encoders in fp8: 5-7 GB each)
+#   FAMILIES          checkpoints to build: any of "sd15 sdxl flux chroma wan zimage flux2" (default "sd15";
+#                     sd15 and sdxl are about 2.1 GB each, flux/chroma/wan write full-size T5-XXL / UMT5-XXL
+#                     text encoders in fp8, zimage/flux2 a full-size Qwen3-4B in fp8: 5-7 GB each)
 #   SKIP_CHECKPOINT=1 build no checkpoint (the tests build the ones they need when missing)
 #
 # Afterwards:
