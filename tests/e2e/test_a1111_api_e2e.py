@@ -23,7 +23,8 @@ extensions/sd-webui-vsf, removed afterwards) serves every family: the checkpoint
   - interrupt mid-run, then the next request exactly as before;
   - a batch of 2 equals each seed alone within the host's own batch-vs-single noise;
   - "single pass" off keeps CFG with the uncond rows unguided: at CFG 0 (where A1111's
-    `uncond + (cond - uncond) * 0` is the uncond rows alone, bit for bit) the image is the plain CFG-0 image,
+    `uncond + (cond - uncond) * 0` is the uncond rows alone) the image is the plain CFG-0 image up to
+    float rounding (1/255: the uncond rows go through the extension's attention with the negative masked),
     at CFG 5 it differs from the plain CFG-5 image;
   - the step window by image: 3 steps are at fractions 0, 1/3, 2/3, so `[0.6, 1)` guides the last step
     only and must differ from unguided, while `[0.7, 1)` holds no step: exactly the host's own single
@@ -337,16 +338,19 @@ def test_07_xyz_method_axis_off_cell_is_plain(fam):
     choices = fam.server.script_info("x/y/z plot")["args"][0]["choices"] or []
     assert "[VSF] Method" in choices, [c for c in choices if "VSF" in c]
     methods = ["VSF", "NASA", "Off"]
+    # the axis sets the method over the request's VSF (alpha 3.3 / beta 0.2): without it the cells would
+    # take the model default (SD3 3.5 / 0.1), not the VSF request they are compared with
     data = fam.txt2img_ok("XYZ over [VSF] Method incl. Off", script_name="x/y/z plot",
-                          script_args=xyz_args(choices, "[VSF] Method", methods, dropdown=True))
+                          script_args=xyz_args(choices, "[VSF] Method", methods, dropdown=True),
+                          alwayson_scripts=vsf_args())
     assert len(data["images"]) == 1 + len(methods)
     cells = infotexts(data)[1:]
     key = vsf_keys()["method"]
     assert [infotext_value(t, key) for t in cells] == ["vsf", "nasa", None], [params_line(t) for t in cells]
     assert (decode_image(data["images"][-1]).astype(int) == pixels(fam.baseline)).all(), \
         "Off cell is not the unguided image"
-    assert (decode_image(data["images"][1]).astype(int) == pixels(fam.vsf_dict())).all(), \
-        "VSF cell differs from the VSF request"
+    diff = abs(decode_image(data["images"][1]).astype(int) - pixels(fam.vsf_dict())).max()
+    assert diff == 0, f"VSF cell differs from the VSF request (max pixel difference {diff}/255)"
 
 
 BAD_VALUES = [
@@ -443,11 +447,21 @@ def test_10_batch_equals_each_image_alone(fam):
     assert (pixels(alone[1]) != pixels(plain_43)).any(), "seed 43 VSF image equals its unguided image"
 
 
+ROUNDING = 1  # /255: float rounding between two attention kernels computing the same rows
+
+
 def test_11_cfg_kept_with_uncond_rows_unguided(fam):
     args = vsf_args(single_pass=False)
     plain0 = fam.txt2img_ok("unguided CFG 0", cfg_scale=0.0)
     vsf0 = fam.txt2img_ok("VSF, single pass off, CFG 0", cfg_scale=0.0, alwayson_scripts=args)
-    assert_same(vsf0, plain0, "at CFG 0 the image is the uncond rows alone: VSF changed them")
+    # The uncond rows run through the extension's attention with the negative masked out: A1111's own
+    # attention kernel gives the same values up to float rounding (bit for bit on some machines, 1/255
+    # on SD1.5 on another). Guided uncond rows move the image by as much as VSF moves it at CFG 1.
+    effect = abs(pixels(fam.vsf_dict()) - pixels(fam.single_pass_plain())).max()
+    diff = abs(pixels(vsf0) - pixels(plain0)).max()
+    print(f"\n[a1111 e2e] {fam.name}: CFG 0 with VSF vs plain {diff}/255; VSF's effect at CFG 1 {effect}/255")
+    assert effect > 4 * ROUNDING, f"VSF moves the CFG-1 image by {effect}/255 only: this check cannot tell"
+    assert diff <= ROUNDING, f"at CFG 0 the image is the uncond rows alone: VSF changed them by {diff}/255"
     plain5 = fam.txt2img_ok("unguided CFG 5", cfg_scale=5.0)
     vsf5 = fam.txt2img_ok("VSF, single pass off, CFG 5", cfg_scale=5.0, alwayson_scripts=args)
     assert (pixels(vsf5) != pixels(plain5)).any(), "VSF with CFG kept equals plain CFG (cond rows unguided)"

@@ -11,7 +11,11 @@ checks in the txt2img tab:
     A1111's own `titles` hint table;
   - picking a preset fills method, alpha and beta (VSF Strong: VSF 3.8/0.2; NAG: NAG 4/0.125);
   - pasting an infotext with VSF keys into the prompt and pressing the host's paste button sets the
-    accordion on and every VSF control to the pasted values; pasting one without VSF switches it off.
+    accordion on and every VSF control to the pasted values; pasting one without VSF switches it off;
+  - the negative prompt at CFG 1: A1111 leaves the box editable (unlike Forge Neo, which disables it); a
+    negative typed there with real key events, VSF on (VSF Quality), reaches the generated image's
+    infotext with the VSF values the sliders show;
+  - the server log holds no error report that involves the extension.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from browser import CHROMEDRIVER, CHROMIUM, chromium_driver, have_chromium, wait_for  # noqa: E402
-from webui_server import WebUIServer, running, vsf_keys  # noqa: E402
+from webui_server import WebUIServer, extension_errors, running, vsf_keys  # noqa: E402
 
 A1111_DIR = os.environ.get("VSF_A1111_DIR", "")
 A1111_PYTHON = os.environ.get("VSF_A1111_PYTHON", "")
@@ -44,6 +48,9 @@ UI_FLAGS = [
     "--no-download-sd-model",
 ]
 TAB = "txt2img"
+NEG = "#txt2img_neg_prompt textarea"
+TYPED_NEGATIVE = "blurry, dog, watermark"
+GENERATE_TIMEOUT = 240
 
 
 def el_id(name: str) -> str:
@@ -197,3 +204,47 @@ def test_paste_from_infotext(browser):
     # an infotext without VSF keys turns the accordion off (as the host does for its own options)
     paste_infotext(browser, "a photo of a cat\nSteps: 3, Sampler: Euler, CFG scale: 1, Seed: 42, Size: 64x64")
     wait_for(browser, lambda d: not enabled_state(d), 30, "pasting an infotext without VSF left VSF on")
+
+
+def test_negative_typed_at_cfg_1_reaches_the_generation(browser):
+    # a small, fast image from pasted parameters (no VSF keys: the accordion goes off)
+    paste_infotext(browser, "a photo of a cat\nSteps: 3, Sampler: Euler, CFG scale: 1, Seed: 42, Size: 64x64")
+    wait_for(browser, lambda d: (slider_value_by_id(d, "txt2img_steps"), slider_value_by_id(d, "txt2img_width"),
+                                 slider_value_by_id(d, "txt2img_cfg_scale")) == (3, 64, 1), 30,
+             "pasted steps, size and CFG 1")
+    wait_for(browser, lambda d: not enabled_state(d), 10, "the paste without VSF keys left VSF on")
+    assert not q(browser, NEG).get_attribute("disabled"), "A1111 disabled the negative box at CFG 1"
+    open_accordion(browser)
+    choose(browser, "preset", "VSF Quality")
+    box = q(browser, NEG)
+    driver_scroll(browser, box)
+    box.click()
+    box.clear()
+    box.send_keys(TYPED_NEGATIVE)  # real key events, as a user types
+    assert box.get_attribute("value") == TYPED_NEGATIVE
+    shown = {name: slider_value(browser, name) for name in ("alpha", "beta", "start", "end")}
+    q(browser, "#txt2img_generate").click()
+    info = wait_for(browser, lambda d: d.execute_script(
+        "const el = gradioApp().querySelector('#html_info_txt2img');"
+        "return el && el.textContent.includes('VSF method') ? el.textContent : '';"),
+        GENERATE_TIMEOUT, "the generated image's infotext")
+    assert f"Negative prompt: {TYPED_NEGATIVE}" in info, info
+    assert "VSF method: vsf" in info and "CFG scale: 1" in info, info
+    for name, value in shown.items():  # what the sliders show is what the generation used
+        key = f"VSF {name}: "
+        assert key in info, info
+        used = float(info.split(key, 1)[1].split(",", 1)[0])
+        assert used == pytest.approx(value), f"slider {name} shows {value}, the image used {used}: {info}"
+
+
+def slider_value_by_id(driver, elem_id: str) -> float:
+    return float(q(driver, f"#{elem_id} input[type=number]").get_attribute("value"))
+
+
+def driver_scroll(driver, element):
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+
+
+def test_server_log_has_no_extension_errors(ui_server):
+    bad = extension_errors(ui_server.log_text())
+    assert not bad, "extension errors in the server log:\n" + "\n---\n".join(b[:3000] for b in bad)
