@@ -201,22 +201,29 @@ def build_flux(neo: str, rnd: RandomTensors) -> dict:
     return sd
 
 
+def _neo_unet_config(skeleton: dict, prefix: str) -> dict:
+    """The config Neo's loader builds the diffusion model with, for a checkpoint with these keys and
+    shapes: what its detection fixes (`huggingface_guess`), the rest counted from the names."""
+    from huggingface_guess.detection import model_config_from_unet
+
+    cfg = dict(model_config_from_unet(skeleton, prefix).unet_config)
+    cfg.pop("image_model", None)  # as huggingface_guess.guess() does
+    return cfg
+
+
 def build_chroma(neo: str, rnd: RandomTensors) -> dict:
     import torch
     from backend.nn.chroma import IntegratedChromaTransformer2DModel
     from backend.nn.vae import IntegratedAutoencoderKL
-    from huggingface_guess.detection import detect_unet_config
 
     # Let Neo's own detection say which config a Chroma checkpoint of this shape gets (hidden 3072 is
     # fixed by the approximator; depth 1 + 1 from the block names).
     p = "model.diffusion_model."
-    import torch as _t
-    skeleton = {p + "img_in.weight": _t.empty(3072, 64), p + "txt_in.weight": _t.empty(3072, 4096),
-                p + "double_blocks.0.img_attn.norm.key_norm.scale": _t.empty(128),
-                p + "single_blocks.0.linear1.weight": _t.empty(1, 1),
-                p + "distilled_guidance_layer.norms.0.scale": _t.empty(5120)}
-    cfg = detect_unet_config(skeleton, p)
-    cfg.pop("image_model", None)
+    skeleton = {p + "img_in.weight": torch.empty(3072, 64), p + "txt_in.weight": torch.empty(3072, 4096),
+                p + "double_blocks.0.img_attn.norm.key_norm.scale": torch.empty(128),
+                p + "single_blocks.0.linear1.weight": torch.empty(1, 1),
+                p + "distilled_guidance_layer.norms.0.scale": torch.empty(5120)}
+    cfg = _neo_unet_config(skeleton, p)
     sd = rnd.module(lambda: IntegratedChromaTransformer2DModel(**cfg), p, torch.bfloat16, rename=_bfl_norm_names)
     hf = os.path.join(neo, "backend", "huggingface", "Chroma")
     vae_cfg = IntegratedAutoencoderKL.load_config(os.path.join(hf, "vae"))
@@ -241,16 +248,6 @@ def build_wan(neo: str, rnd: RandomTensors) -> dict:
     sd.update(rnd.module(lambda: WanVAE.from_config(vae_cfg), "vae.", torch.float16))
     sd.update(_t5(os.path.join(hf, "text_encoder"), "text_encoders.umt5xxl.", rnd))
     return sd
-
-
-def _neo_unet_config(skeleton: dict, prefix: str) -> dict:
-    """The config Neo's loader builds the diffusion model with, for a checkpoint with these keys and
-    shapes: what its detection fixes (`huggingface_guess`), the rest counted from the names."""
-    from huggingface_guess.detection import model_config_from_unet
-
-    cfg = dict(model_config_from_unet(skeleton, prefix).unet_config)
-    cfg.pop("image_model", None)  # as huggingface_guess.guess() does
-    return cfg
 
 
 def _qwen3_4b(neo_hf_dir: str, prefix: str, rnd: RandomTensors) -> dict:

@@ -109,7 +109,15 @@ def enabled_state(driver) -> bool:
 
 
 def slider_value(driver, name: str) -> float:
-    return float(q(driver, f"#{el_id(name)} input[type=number]").get_attribute("value"))
+    return slider_value_by_id(driver, el_id(name))
+
+
+def slider_value_by_id(driver, elem_id: str) -> float:
+    return float(q(driver, f"#{elem_id} input[type=number]").get_attribute("value"))
+
+
+def scroll_into_view(driver, element):
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
 
 
 def dropdown_value(driver, name: str) -> str:
@@ -130,7 +138,7 @@ def open_accordion(driver):
 def choose(driver, name: str, option: str):
     """Pick `option` in a gradio 3.41 dropdown (click the input, then the list item)."""
     box = q(driver, f"#{el_id(name)} input")
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    scroll_into_view(driver, box)
     box.click()
     item = wait_for(driver, lambda d: d.execute_script(
         # gradio 3.41 puts a (hidden) check mark inside every item: compare the text without it
@@ -217,7 +225,7 @@ def test_negative_typed_at_cfg_1_reaches_the_generation(browser):
     open_accordion(browser)
     choose(browser, "preset", "VSF Quality")
     box = q(browser, NEG)
-    driver_scroll(browser, box)
+    scroll_into_view(browser, box)
     box.click()
     box.clear()
     box.send_keys(TYPED_NEGATIVE)  # real key events, as a user types
@@ -235,14 +243,6 @@ def test_negative_typed_at_cfg_1_reaches_the_generation(browser):
         assert key in info, info
         used = float(info.split(key, 1)[1].split(",", 1)[0])
         assert used == pytest.approx(value), f"slider {name} shows {value}, the image used {used}: {info}"
-
-
-def slider_value_by_id(driver, elem_id: str) -> float:
-    return float(q(driver, f"#{elem_id} input[type=number]").get_attribute("value"))
-
-
-def driver_scroll(driver, element):
-    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
 
 
 def test_server_log_has_no_extension_errors(ui_server):
