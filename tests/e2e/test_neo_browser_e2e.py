@@ -30,7 +30,7 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 from browser import chromium_driver, have_chromium, wait_for  # noqa: E402
-from webui_server import WebUIServer, extension_errors, log_path_for, running  # noqa: E402
+from webui_server import WebUIServer, assert_infotext_used, extension_errors, log_path_for, running  # noqa: E402
 
 NEO_DIR = os.environ.get("VSF_NEO_DIR", "")
 NEO_PYTHON = os.environ.get("VSF_NEO_PYTHON", "")
@@ -293,12 +293,7 @@ def test_negative_typed_at_cfg_1_reaches_the_generation(browser, neo_ui):
     assert f"Negative prompt: {TYPED_NEGATIVE}" in info, info
     assert "VSF method: vsf" in info and "VSF alpha: 3.3" in info, info
     assert "CFG scale: 1" in info, info
-    # what the sliders show is what the generation used
-    for name, value in shown.items():
-        key = f"VSF {name}: "
-        assert key in info, info
-        used = float(info.split(key, 1)[1].split(",", 1)[0])
-        assert used == pytest.approx(value), f"slider {name} shows {value}, the image used {used}: {info}"
+    assert_infotext_used(info, shown)  # what the sliders show is what the generation used
 
 
 def test_server_log_has_no_extension_errors(neo_ui):

@@ -115,6 +115,18 @@ def infotext_value(text: str, key: str) -> str | None:
     return m.group(1).strip() if m else None
 
 
+def assert_infotext_used(info: str, shown: dict) -> None:
+    """Each VSF control's value as the UI showed it ({"alpha": 3.3, ...}) is the one the image's infotext
+    (a page's generation-info text) records: `VSF <name>: <value>`."""
+    import pytest
+
+    for name, value in shown.items():
+        key = f"VSF {name}: "
+        assert key in info, info
+        used = float(info.split(key, 1)[1].split(",", 1)[0])
+        assert used == pytest.approx(value), f"slider {name} shows {value}, the image used {used}: {info}"
+
+
 def vsf_keys() -> dict:
     import sys
 
